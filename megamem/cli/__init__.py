@@ -1,0 +1,1 @@
+"""Command-line interface: `megamem COMMAND ...` (see main.py)."""

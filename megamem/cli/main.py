@@ -1,0 +1,45 @@
+"""The `megamem` command: one entry point, one subcommand per job.
+
+Every subcommand module exposes `register(subparsers)`; its handler returns an
+exit status. A user's mistake (ConfigError) is printed as one line and exits
+2; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megamem.cli import flops, plan
+from megamem.config.errors import ConfigError
+
+COMMANDS = (flops, plan)
+
+DESCRIPTION = """\
+megamem: pretraining for MemoryFormer language models.
+
+examples:
+  megamem flops configs/memoryformer-tiny.yaml --seq-len 2048
+  megamem plan configs/memoryformer-base.yaml --tp 8 --pp 1 --dp 8 --zero 1 --micro-batch 4
+Run `megamem COMMAND --help` for each command's options."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megamem", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        command.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as err:
+        print(f"megamem {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The typed configuration tree of a megamem run.
+
+Each section is a small dataclass, and each component is handed only its own
+section. Field names are part of the user interface (scripts and docs refer to
+them by dotted path, e.g. `model.hidden_size`), so renaming one is a breaking
+change. Defaults follow the MemoryFormer paper and the Pythia recipe it trains
+with (shared/spec/memoryformer.md sections 1-3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+NormKind = Literal["rmsnorm", "layernorm"]
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. `arch: dense` is the Pythia / GPT-NeoX baseline."""
+
+    arch: Literal["memoryformer", "dense"] = "memoryformer"
+    hidden_size: int = 512
+    num_layers: int = 6
+    num_heads: int = 8
+    vocab_size: int = 50277
+    seq_len: int = 2048
+    # Memory Layers (spec section 1).
+    tau: int = 8
+    expanding_bits: int = 2
+    temperature: float = 1.0
+    weighting: Literal["paper", "l1"] = "paper"
+    memory_bias: bool = False
+    table_init_std: float = 0.02
+    qkv_table_init: Literal["normal", "released"] = "normal"
+    memory_block_gelu: bool = False
+    kernel: str = "reference"
+    # Norms: the released MemoryFormer code uses RMSNorm, RMSNorm, LayerNorm.
+    norm1: NormKind = "rmsnorm"
+    norm2: NormKind = "rmsnorm"
+    norm3: NormKind = "layernorm"
+    final_norm: NormKind = "rmsnorm"
+    norm_eps: float = 1e-5
+    # Attention.
+    rotary_fraction: float = 0.25
+    rotary_base: float = 10000.0
+    # Dense baseline only.
+    ffn_multiplier: int = 4
+    # Embeddings and head.
+    tie_embeddings: bool = False
+    vocab_pad_multiple: int = 128
+    init_std: float = 0.02
+
+
+@dataclass
+class DataSource:
+    """One dataset of a blend: a directory of shards and its sampling weight."""
+
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None
+    sources: list[DataSource] = field(default_factory=list)
+    num_workers: int = 1
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    table_weight_decay: bool = True
+    norm_weight_decay: bool = True
+    table_lr_multiplier: float = 1.0
+    offload: bool = False
+
+
+@dataclass
+class ScheduleConfig:
+    """Cosine decay to `min_lr` after a linear warm-up of `warmup_fraction` of the steps."""
+
+    kind: Literal["cosine", "constant"] = "cosine"
+    warmup_fraction: float = 0.01
+    min_lr: float = 3e-4
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    activation_checkpointing: bool = False
+    eval_interval: int = 100
+    eval_steps: int = 10
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 1000
+    keep: int = 3
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10
+    histogram_interval: int = 100
+    tensorboard: bool = True
+    peak_tflops: float = 989.0
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 1234
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,52 @@
+"""Causal multi-head attention with rotary embeddings on part of each head.
+
+Shared by both blocks; only the projections around it differ (MemoryFormer has
+Memory Layers for Q, K, V and no output projection, Pythia has Linears and one).
+Shapes: B batch, S sequence, H heads, E head dim, d = H * E.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Rotary(nn.Module):
+    """GPT-NeoX rotary embedding applied to the first `dims` of each head."""
+
+    def __init__(self, head_dim: int, fraction: float, base: float):
+        super().__init__()
+        self.dims = int(head_dim * fraction)
+        inv_freq = 1.0 / (base ** (torch.arange(0, self.dims, 2, dtype=torch.float32) / max(self.dims, 1)))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x_BHSE: torch.Tensor) -> torch.Tensor:
+        if self.dims == 0:
+            return x_BHSE
+        seq = x_BHSE.shape[-2]
+        angles = torch.outer(torch.arange(seq, device=x_BHSE.device, dtype=torch.float32), self.inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)                               # [S, dims]
+        cos, sin = angles.cos().to(x_BHSE.dtype), angles.sin().to(x_BHSE.dtype)
+        rot, rest = x_BHSE[..., : self.dims], x_BHSE[..., self.dims:]
+        half = self.dims // 2
+        rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        return torch.cat((rot * cos + rotated_half * sin, rest), dim=-1)
+
+
+class CausalAttention(nn.Module):
+    """softmax(Q K^T / sqrt(E)) V per head, causal, through scaled_dot_product_attention."""
+
+    def __init__(self, num_heads: int, head_dim: int, rotary_fraction: float, rotary_base: float):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.rotary = Rotary(head_dim, rotary_fraction, rotary_base)
+
+    def forward(self, q_BSd: torch.Tensor, k_BSd: torch.Tensor, v_BSd: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2) for t in (q_BSd, k_BSd, v_BSd))
+        q, k = self.rotary(q), self.rotary(k)
+        o_BHSE = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return o_BHSE.transpose(1, 2).flatten(-2)
+
+    def macs_per_sequence(self, seq_len: int) -> int:
+        """Q K^T and A V over the full square, as the paper counts: 2 s^2 d."""
+        return 2 * seq_len * seq_len * self.num_heads * self.head_dim

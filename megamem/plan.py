@@ -1,0 +1,141 @@
+"""Memory plan of a run: parameters and bytes per rank for a parallel layout.
+
+How a user sizes a billion-parameter MemoryFormer before queueing it. Tables
+dominate the parameters (spec section 3), so the plan separates them from the
+rest. Rules (shared/spec/parallel.md):
+- tensor parallelism splits tables, Linear weights, the embedding and the head
+  over tp; 1-D parameters (norms, biases) are counted as replicated;
+- pipeline stages get contiguous blocks, the embedding on the first stage and
+  final norm + head on the last (a tied embedding lives on both);
+- ZeRO 1 splits optimizer state over dp, ZeRO 2 also gradients, ZeRO 3 also weights;
+- mixed precision keeps 2-byte weights and gradients (4-byte gradients when
+  pipelining in bf16, DeepSpeed's fp32 accumulation) plus a 12-byte fp32 master
+  copy and Adam moments; fp32 keeps 4 + 4 + 8 bytes.
+Activations are an estimate of what autograd keeps in the reference path (listed
+in `_block_activation_bytes_per_token`), with sequence parallelism dividing them
+by tp and 1F1B keeping up to pp micro-batches in flight on the first stage.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from megamem.config.schema import Config
+from megamem.config.validate import padded_vocab_size
+from megamem.model.build import build_model
+
+GIB = 1024**3
+
+
+@dataclasses.dataclass
+class StageParams:
+    tables: int = 0
+    sharded: int = 0          # split over tp (tables included)
+    replicated: int = 0       # 1-D: norms, biases
+    blocks: int = 0
+
+    def per_rank(self, tp: int) -> int:
+        return self.sharded // tp + self.replicated
+
+
+def blocks_per_stage(num_layers: int, pp: int) -> list[int]:
+    """Contiguous, balanced: the first num_layers % pp stages take one block more."""
+    return [num_layers // pp + (1 if stage < num_layers % pp else 0) for stage in range(pp)]
+
+
+def _stage_params(config: Config, pp: int) -> tuple[list[StageParams], dict[str, int]]:
+    model = build_model(config, device="meta")
+    counts = blocks_per_stage(len(model.blocks), pp)
+    first_block = [sum(counts[:s]) for s in range(pp)]
+    stages = [StageParams(blocks=n) for n in counts]
+    whole = {"table_params": 0, "other_params": 0}
+    seen: set[int] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name.startswith("embed."):
+            owners = [0]
+        elif name.startswith("blocks."):
+            index = int(name.split(".")[1])
+            owners = [max(s for s in range(pp) if first_block[s] <= index)]
+        else:
+            owners = [pp - 1]
+        is_table = name.endswith(".tables")
+        sharded = is_table or param.dim() == 2
+        for stage in owners:
+            target = stages[stage]
+            if is_table:
+                target.tables += param.numel()
+            if sharded:
+                target.sharded += param.numel()
+            else:
+                target.replicated += param.numel()
+        if id(param) not in seen:
+            seen.add(id(param))
+            whole["table_params" if is_table else "other_params"] += param.numel()
+    return stages, whole
+
+
+def _block_activation_bytes_per_token(config: Config, act_bytes: int) -> int:
+    """Bytes autograd keeps per token and block in the reference path."""
+    m = config.model
+    d = m.hidden_size
+    if m.arch == "dense":
+        return 17 * d * act_bytes          # Megatron's 34 s b h bytes at 2-byte activations, flash attention
+    k = d // m.tau
+    wide = (m.tau + m.expanding_bits) * k
+    # norm1 in/out, q k v, rotated q k, attention out, norm2 in/out, ML1 out, norm3 out
+    activations = (2 * d + 3 * d + 2 * d + d + 2 * d + 2 * wide) * act_bytes
+    # three hashings (inputs d, d, wide): fp32 |z| and log-sigmoid input, int64 codes, fp32 p and its cast
+    hashing = 2 * 4 * (2 * d + wide) + 3 * k * (8 + 4 + act_bytes)
+    return activations + hashing
+
+
+def plan_report(config: Config, tp: int, pp: int, dp: int, zero: int, micro_batch: int, gpu_mem_gib: float) -> dict:
+    """Parameters and bytes per rank of the layout; the config's parallel section is ignored for tp/pp/zero."""
+    config = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, tp=tp, pp=pp, zero_stage=zero))
+    stages, whole = _stage_params(config, pp)
+    precision = config.train.precision
+    act_bytes = 4 if precision == "fp32" else 2
+    weight_bytes, optim_bytes = (4, 8) if precision == "fp32" else (2, 12)
+    grad_bytes = 4 if precision == "fp32" or pp > 1 else 2
+    tokens = micro_batch * config.model.seq_len
+    per_block = _block_activation_bytes_per_token(config, act_bytes)
+    d = config.model.hidden_size
+    vocab = config.model.vocab_size
+
+    rows = []
+    for index, stage in enumerate(stages):
+        params = stage.per_rank(tp)
+        in_flight = pp - index                    # 1F1B: stage i holds pp - i micro-batches
+        if config.train.activation_checkpointing:
+            act = tokens * (stage.blocks * d * act_bytes + per_block) // tp
+        else:
+            act = tokens * stage.blocks * per_block // tp
+        act *= in_flight
+        if index == pp - 1:
+            act += tokens * padded_vocab_size(config.model, config.parallel) // tp * (act_bytes + 4)      # logits and fp32 softmax
+        sizes = {
+            "weights": params * weight_bytes // (dp if zero >= 3 else 1),
+            "gradients": params * grad_bytes // (dp if zero >= 2 else 1),
+            "optimizer_state": 0 if config.optimizer.offload else params * optim_bytes // (dp if zero >= 1 else 1),
+            "activations": act,
+        }
+        sizes["total"] = sum(sizes.values())
+        rows.append({"stage": index, "blocks": stage.blocks, "params": params,
+                     "table_params": stage.tables // tp, "bytes": sizes})
+    worst = max(rows, key=lambda row: row["bytes"]["total"])
+    return {
+        "layout": {"tp": tp, "pp": pp, "dp": dp, "zero_stage": zero, "world_size": tp * pp * dp,
+                   "micro_batch": micro_batch, "seq_len": config.model.seq_len, "precision": precision,
+                   "activation_checkpointing": config.train.activation_checkpointing,
+                   "optimizer_offload": config.optimizer.offload, "vocab_size": vocab,
+                   "padded_vocab_size": padded_vocab_size(config.model, config.parallel)},
+        "table_params": whole["table_params"],
+        "other_params": whole["other_params"],
+        "total_params": whole["table_params"] + whole["other_params"],
+        "per_rank_params": worst["params"],
+        "per_rank_table_params": worst["table_params"],
+        "per_rank_bytes": worst["bytes"],
+        "worst_stage": worst["stage"],
+        "stages": rows,
+        "gpu_mem_gib": gpu_mem_gib,
+        "fits": worst["bytes"]["total"] <= gpu_mem_gib * GIB,
+    }

@@ -1,0 +1,29 @@
+"""megamem: Megatron-style pretraining of MemoryFormer language models.
+
+The repository keeps kernels/, parallel/ and data_tools/ at the top level for
+readability, but installs them under the megamem namespace: a top-level module
+named `kernels` would collide with a popular PyPI package.
+"""
+from setuptools import setup
+
+PACKAGES = {
+    "megamem": "megamem",
+    "megamem.config": "megamem/config",
+    "megamem.model": "megamem/model",
+    "megamem.cli": "megamem/cli",
+    "megamem.kernels": "kernels",
+    "megamem.parallel": "parallel",
+    "megamem.data_tools": "data_tools",
+}
+
+setup(
+    name="megamem",
+    version="0.1.0",
+    description="Megatron-style pretraining for MemoryFormer language models",
+    python_requires=">=3.10",
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    install_requires=["torch>=2.1", "pyyaml>=6", "numpy"],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={"console_scripts": ["megamem=megamem.cli.main:main"]},
+)

@@ -11,15 +11,16 @@ import torch.nn.functional as F
 
 
 def chunk_hash(x: torch.Tensor, tau: int, temperature: float, weighting: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes h(z_k) (int64, no gradient) and weights p(z_k) (fp32, differentiable), each [..., K].
+    """Codes h(z_k) (int64, no gradient) and weights p(z_k) (differentiable), each [..., K].
 
     p = prod_i sigmoid(2|z_i|/t), the closed form of the softmax over all 2^tau
-    sign codes; summed in log space so it stays exact for large tau.
+    sign codes, summed in log space and never below fp32 precision (float64
+    inputs keep float64, which is what gradcheck needs).
     """
     z = x.unflatten(-1, (x.shape[-1] // tau, tau))                        # [..., K, T]
     powers = 1 << torch.arange(tau, device=x.device, dtype=torch.int64)
     codes = ((z >= 0).to(torch.int64) * powers).sum(-1)                   # [..., K]
-    magnitude = z.float().abs()
+    magnitude = z.abs().to(torch.promote_types(z.dtype, torch.float32))
     p = F.logsigmoid(2.0 * magnitude / temperature).sum(-1).exp()         # [..., K]
     if weighting == "l1":
         p = p * magnitude.sum(-1)

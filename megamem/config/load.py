@@ -19,9 +19,18 @@ import yaml
 
 from megamem.config.errors import ConfigError
 from megamem.config.schema import Config
+from megamem.config.sources import Sources
 from megamem.config.validate import validate
 
-DEFAULT_SOURCE = "default"
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads `3e-3` as a float (YAML 1.1 wants `3.0e-3`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 class _Loader(yaml.SafeLoader):
@@ -39,7 +48,13 @@ class Sources(dict):
     """Maps a dotted key to the file or flag that last set it."""
 
     def of(self, key: str) -> str:
-        return self.get(key, DEFAULT_SOURCE)
+        """The source of `key`, or of its nearest recorded ancestor (list items inherit their list's)."""
+        key = re.sub(r"\[\d+\]", "", key)
+        while key:
+            if key in self:
+                return self[key]
+            key = key.rpartition(".")[0]
+        return DEFAULT_SOURCE
 
 
 def load_config(paths: Iterable[str | Path], overrides: Iterable[str] = ()) -> Config:
@@ -178,5 +193,5 @@ def _convert(value: Any, hint: Any, dotted: str, sources: Sources) -> Any:
 
 
 def _type_error(dotted: str, value: Any, expected: str, sources: Sources) -> ConfigError:
-    source = sources.of(dotted.split("[")[0])
+    source = sources.of(dotted)
     return ConfigError(f"{source}: {dotted} must be {expected}, got {value!r} ({type(value).__name__})")

@@ -7,17 +7,18 @@ fails before it is queued rather than hours into it.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 from megamem.config.errors import ConfigError
 from megamem.config.schema import Config, ModelConfig, ParallelConfig
+from megamem.config.sources import Sources
 
 TAU_RANGE = (4, 12)
 
 
-def validate(config: Config, sources: Mapping[str, str] | None = None) -> None:
+def validate(config: Config, sources: Sources | None = None) -> None:
     """Raise ConfigError naming the first broken rule, its source and the fix."""
-    _Checker(config, sources or {}).run()
+    _Checker(config, sources if sources is not None else Sources()).run()
 
 
 def validate_world(config: Config, world_size: int) -> int:
@@ -52,13 +53,13 @@ def padded_vocab_size(model: ModelConfig, parallel: ParallelConfig) -> int:
 
 
 class _Checker:
-    def __init__(self, config: Config, sources: Mapping[str, str]):
+    def __init__(self, config: Config, sources: Sources):
         self.config = config
         self.sources = sources
 
     def fail(self, keys: str | tuple[str, ...], problem: str, fix: str) -> None:
         keys = (keys,) if isinstance(keys, str) else keys
-        where = sorted({self.sources.get(k, "default") for k in keys})
+        where = sorted({self.sources.of(k) for k in keys})
         values = ", ".join(f"{k}={self._value(k)!r}" for k in keys)
         raise ConfigError(f"{' and '.join(where)}: {values}: {problem}. Fix: {fix}")
 

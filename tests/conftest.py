@@ -1,0 +1,15 @@
+"""Shared fixtures: small configs that build in milliseconds on CPU."""
+from __future__ import annotations
+
+import pytest
+
+from megamem.config import load_config
+from tests.paths import CONFIGS
+
+
+@pytest.fixture
+def tiny_config():
+    """A MemoryFormer of the paper's shape family, shrunk: d = 64, K = 8, 2 blocks."""
+    return load_config([CONFIGS / "cpu-smoke.yaml"], [
+        "model.hidden_size=64", "model.num_heads=4", "model.num_layers=2", "model.seq_len=32", "model.vocab_size=97",
+    ])

@@ -23,7 +23,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    install_requires=["torch>=2.1", "pyyaml>=6", "numpy"],
+    install_requires=["torch>=2.1", "pyyaml>=6", "numpy", "webdataset>=0.2", "tokenizers>=0.15", "zstandard"],
     extras_require={"test": ["pytest>=7"]},
     entry_points={"console_scripts": ["megamem=megamem.cli.main:main"]},
 )

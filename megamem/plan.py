@@ -22,6 +22,7 @@ import dataclasses
 from megamem.config.schema import Config
 from megamem.config.validate import padded_vocab_size
 from megamem.model.build import build_model
+from megamem.parallel.pipeline_layout import blocks_per_stage, stage_of_block
 
 GIB = 1024**3
 
@@ -37,15 +38,9 @@ class StageParams:
         return self.sharded // tp + self.replicated
 
 
-def blocks_per_stage(num_layers: int, pp: int) -> list[int]:
-    """Contiguous, balanced: the first num_layers % pp stages take one block more."""
-    return [num_layers // pp + (1 if stage < num_layers % pp else 0) for stage in range(pp)]
-
-
 def _stage_params(config: Config, pp: int) -> tuple[list[StageParams], dict[str, int]]:
     model = build_model(config, device="meta")
     counts = blocks_per_stage(len(model.blocks), pp)
-    first_block = [sum(counts[:s]) for s in range(pp)]
     stages = [StageParams(blocks=n) for n in counts]
     whole = {"table_params": 0, "other_params": 0}
     seen: set[int] = set()
@@ -53,8 +48,7 @@ def _stage_params(config: Config, pp: int) -> tuple[list[StageParams], dict[str,
         if name.startswith("embed."):
             owners = [0]
         elif name.startswith("blocks."):
-            index = int(name.split(".")[1])
-            owners = [max(s for s in range(pp) if first_block[s] <= index)]
+            owners = [stage_of_block(int(name.split(".")[1]), counts)]
         else:
             owners = [pp - 1]
         is_table = name.endswith(".tables")

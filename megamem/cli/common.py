@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-from megamem.config import Config, load_config
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -12,7 +11,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override one key after the files, e.g. --set model.tau=8 (repeatable)")
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace):
+    from megamem.config import load_config
+
     return load_config(args.configs, args.overrides)
 
 

@@ -5,7 +5,6 @@ import argparse
 import json
 
 from megamem.cli.common import add_config_arguments, config_from_args, human
-from megamem.flops import flops_report
 
 HELP = """\
 Multiply-accumulates (MACs) of one block and of the whole model for one sequence,
@@ -32,6 +31,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megamem.flops import flops_report
+
     config = config_from_args(args)
     report = flops_report(config, args.seq_len or config.model.seq_len)
     print(json.dumps(report, indent=2) if args.json else render(report, args.configs))

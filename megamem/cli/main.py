@@ -1,18 +1,18 @@
 """The `megamem` command: one entry point, one subcommand per job.
 
 Every subcommand module exposes `register(subparsers)`; its handler returns an
-exit status. A user's mistake (ConfigError) is printed as one line and exits
-2; anything else is a bug and keeps its traceback.
+exit status. A user's mistake (a MegamemError: bad config, missing file, corrupt
+shard) is printed as one line and exits 2; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from megamem.cli import flops, plan
-from megamem.config.errors import ConfigError
+from megamem.cli import flops, plan, preprocess, train_tokenizer
+from megamem.errors import MegamemError
 
-COMMANDS = (flops, plan)
+COMMANDS = (flops, plan, preprocess, train_tokenizer)
 
 DESCRIPTION = """\
 megamem: pretraining for MemoryFormer language models.
@@ -20,6 +20,7 @@ megamem: pretraining for MemoryFormer language models.
 examples:
   megamem flops configs/memoryformer-tiny.yaml --seq-len 2048
   megamem plan configs/memoryformer-base.yaml --tp 8 --pp 1 --dp 8 --zero 1 --micro-batch 4
+  megamem preprocess --input 'corpus/*.jsonl' --output data/corpus --seq-len 2048 --workers 8
 Run `megamem COMMAND --help` for each command's options."""
 
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except ConfigError as err:
+    except MegamemError as err:
         print(f"megamem {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -5,7 +5,6 @@ import argparse
 import json
 
 from megamem.cli.common import add_config_arguments, config_from_args, human
-from megamem.plan import plan_report
 
 HELP = """\
 Parameters (tables and the rest, whole model and per rank) and bytes per rank for
@@ -32,6 +31,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megamem.plan import plan_report
+
     args.overrides = [*args.overrides, f"parallel.tp={args.tp}", f"parallel.pp={args.pp}", f"parallel.zero_stage={args.zero}"]
     config = config_from_args(args)
     report = plan_report(config, args.tp, args.pp, args.dp, args.zero, args.micro_batch, args.gpu_mem)

@@ -1,6 +1,6 @@
-"""The one exception a user's configuration mistake raises."""
+"""The exception a user's configuration mistake raises."""
+from megamem.errors import MegamemError
 
 
-class ConfigError(ValueError):
-    """A config problem. Its message names the file or flag, the key and the fix;
-    the command-line entry point prints it alone and exits with status 2."""
+class ConfigError(MegamemError, ValueError):
+    """A config problem. Its message names the file or flag, the key and the fix."""

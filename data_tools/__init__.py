@@ -1,0 +1,1 @@
+"""Corpus preprocessing into token shards, tokenizers, and the training data loader."""

@@ -1,0 +1,178 @@
+"""Finding input files and streaming documents out of them.
+
+Inputs are jsonl (one document per line under a key) or plain text (one document
+per file), optionally gzip or zstd compressed. Everything streams: a jsonl file is
+read line by line and a large text file in pieces cut at line ends, so memory
+stays bounded whatever the corpus size. Bad input is counted, never silently
+dropped, and either skipped or fatal per `on_error`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import io
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Iterator
+
+from megamem.errors import DataError
+
+TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".py"}
+JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+COMPRESSED = {".gz", ".zst"}
+TEXT_PIECE_BYTES = 1 << 20
+
+
+@dataclass
+class Counts:
+    """Everything the summary reports about the input side."""
+
+    files: int = 0
+    documents: int = 0
+    empty_documents: int = 0
+    invalid_utf8_documents: int = 0
+    malformed_lines: int = 0
+    missing_key_lines: int = 0
+    input_bytes: int = 0
+
+    def add(self, other: "Counts") -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def minus(self, other: "Counts") -> "Counts":
+        return Counts(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in dataclasses.fields(self)})
+
+
+@dataclass
+class Piece:
+    """Part of a document, in order. `first` starts a document; `last` is where end-of-document goes."""
+
+    text: str
+    first: bool
+    last: bool
+
+
+def _kind(path: Path) -> str | None:
+    suffixes = path.suffixes[-2:] if path.suffix in COMPRESSED else path.suffixes[-1:]
+    base = suffixes[0] if suffixes else ""
+    if base in JSONL_SUFFIXES:
+        return "jsonl"
+    if base in TEXT_SUFFIXES:
+        return "text"
+    return None
+
+
+def expand_inputs(specs: list[str]) -> list[Path]:
+    """Files, directories (searched recursively for known suffixes) and globs, sorted, without duplicates."""
+    found: list[Path] = []
+    for spec in specs:
+        path = Path(spec)
+        if any(ch in spec for ch in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+            if not matches:
+                raise DataError(f"input glob {spec!r} matches no file. Fix: check the pattern (quote it so the shell does not expand it)")
+            found.extend(matches)
+        elif path.is_dir():
+            matches = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p))
+            if not matches:
+                raise DataError(f"input directory {spec} holds no .jsonl or text files (suffixes: "
+                                f"{', '.join(sorted(JSONL_SUFFIXES | TEXT_SUFFIXES))}, optionally .gz or .zst)")
+            found.extend(matches)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise DataError(f"input not found: {spec}. Fix: pass existing files, directories or globs to --input")
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    return unique
+
+
+def _open(path: Path) -> IO[bytes]:
+    raw = open(path, "rb")
+    if path.suffix == ".gz":
+        return gzip.GzipFile(fileobj=raw)
+    if path.suffix == ".zst":
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True))
+    return raw
+
+
+def read_pieces(path: Path, json_key: str, on_error: str, counts: Counts) -> Iterator[Piece]:
+    """Yield the pieces of every non-empty document of `path`, in order."""
+    counts.files += 1
+    counts.input_bytes += path.stat().st_size
+    with _open(path) as stream:
+        if _kind(path) == "jsonl":
+            yield from _jsonl_pieces(path, stream, json_key, on_error, counts)
+        else:
+            yield from _text_pieces(stream, counts)
+
+
+def _jsonl_pieces(path: Path, stream: IO[bytes], json_key: str, on_error: str, counts: Counts) -> Iterator[Piece]:
+    for lineno, raw in enumerate(stream, start=1):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+            invalid = False
+        except UnicodeDecodeError:
+            line, invalid = raw.decode("utf-8", errors="replace"), True
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            counts.malformed_lines += 1
+            _bad(f"{path}:{lineno}: malformed JSON line ({err})", on_error)
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get(json_key), str):
+            counts.missing_key_lines += 1
+            _bad(f"{path}:{lineno}: no string under key {json_key!r} (use --json-key to pick the text field)", on_error)
+            continue
+        counts.documents += 1
+        counts.invalid_utf8_documents += invalid
+        text = record[json_key]
+        if not text.strip():
+            counts.empty_documents += 1
+            continue
+        yield Piece(text, first=True, last=True)
+
+
+def _text_pieces(stream: IO[bytes], counts: Counts) -> Iterator[Piece]:
+    """A text file is one document, read in pieces of about TEXT_PIECE_BYTES cut at line ends.
+
+    Leading whitespace-only pieces are held back until the document proves non-empty.
+    """
+    counts.documents += 1
+    invalid = False
+    held: list[str] = []
+    started = False
+    previous: str | None = None
+    while True:
+        block = stream.read(TEXT_PIECE_BYTES)
+        if not block:
+            break
+        block += stream.readline()
+        try:
+            text = block.decode("utf-8")
+        except UnicodeDecodeError:
+            text, invalid = block.decode("utf-8", errors="replace"), True
+        if not started:
+            held.append(text)
+            if not text.strip():
+                continue
+            started, text = True, "".join(held)
+        if previous is not None:
+            yield Piece(previous, first=previous_first, last=False)
+        previous_first = previous is None
+        previous = text
+    counts.invalid_utf8_documents += invalid
+    if previous is None:
+        counts.empty_documents += 1
+        return
+    yield Piece(previous, first=previous_first, last=True)
+def _bad(message: str, on_error: str) -> None:
+    if on_error == "fail":
+        raise DataError(f"{message}. Fix the input, or pass --on-error skip to skip and count such lines")
+    print(f"warning: {message}; skipped", file=sys.stderr)

@@ -1,0 +1,309 @@
+"""Corpus -> packed token shards, streaming, in parallel, resumable.
+
+The pipeline: read pieces of documents in a fixed order (inputs.py), tokenize
+batches of them in worker processes with at most 2 x workers batches in flight
+(memory stays bounded whatever the corpus size), take results back in
+submission order (so the bytes written do not depend on the worker count), and
+pack each split's token stream into samples of seq_len + 1 tokens (documents
+joined by end-of-document) written as shards.
+
+Resuming: after each completed shard, at the next document boundary, the
+position (documents done, each split's pending tokens and shard list) is saved
+to a state file. A re-run with the same arguments skips the documents already
+packed and finishes; the manifest, written last, never lists a partial shard.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import multiprocessing
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from megamem.data_tools.inputs import Counts, Piece, expand_inputs, read_pieces
+from megamem.data_tools.progress import Progress
+from megamem.data_tools.shards import MANIFEST, ShardInfo, atomic_write, shard_name, write_manifest, write_shard
+from megamem.data_tools.tokenizer import describe, load_tokenizer, token_dtype
+from megamem.errors import DataError
+
+STATE = ".preprocess-state.json"
+BATCH_CHARS = 1 << 20
+
+
+@dataclass
+class PreprocessArgs:
+    inputs: list[str]
+    output: str
+    seq_len: int
+    tokenizer: str = "byte"
+    workers: int = 1
+    json_key: str = "text"
+    valid_fraction: float = 0.01
+    shard_size_mb: float = 64.0
+    on_error: str = "skip"
+
+
+class Packer:
+    """Cuts one split's token stream into samples of seq_len + 1 tokens and writes full shards."""
+
+    def __init__(self, split: str, directory: Path, sample_len: int, samples_per_shard: int, dtype: np.dtype):
+        self.split, self.directory, self.sample_len = split, directory, sample_len
+        self.samples_per_shard, self.dtype = samples_per_shard, dtype
+        self.shards: list[ShardInfo] = []
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.dropped_tokens = 0
+
+    @property
+    def pending_path(self) -> Path:
+        return self.directory / f".pending-{self.split}.npy"
+
+    @property
+    def samples_written(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    def feed(self, tokens: np.ndarray) -> bool:
+        """Add tokens; write every shard that fills. True if a shard was written."""
+        self.pending.append(tokens.astype(self.dtype, copy=False))
+        self.pending_tokens += len(tokens)
+        shard_tokens = self.samples_per_shard * self.sample_len
+        wrote = False
+        while self.pending_tokens >= shard_tokens:
+            stream = np.concatenate(self.pending)
+            self._write(stream[:shard_tokens].reshape(-1, self.sample_len))
+            self.pending, self.pending_tokens = [stream[shard_tokens:]], len(stream) - shard_tokens
+            wrote = True
+        return wrote
+
+    def finish(self) -> None:
+        """Write the last, shorter shard; tokens short of one sample are dropped and counted."""
+        stream = np.concatenate(self.pending) if self.pending else np.zeros(0, self.dtype)
+        full = len(stream) // self.sample_len * self.sample_len
+        if full:
+            self._write(stream[:full].reshape(-1, self.sample_len))
+        self.dropped_tokens += len(stream) - full
+        self.pending, self.pending_tokens = [], 0
+        self.pending_path.unlink(missing_ok=True)
+
+    def _write(self, samples: np.ndarray) -> None:
+        self.shards.append(write_shard(self.directory, shard_name(self.split, len(self.shards)), self.samples_written, samples))
+
+    def save_pending(self) -> None:
+        stream = np.concatenate(self.pending) if self.pending else np.zeros(0, self.dtype)
+        with open(self.pending_path.with_name(self.pending_path.name + ".tmp"), "wb") as handle:
+            np.save(handle, stream, allow_pickle=False)
+        self.pending_path.with_name(self.pending_path.name + ".tmp").replace(self.pending_path)
+
+    def state(self) -> dict:
+        return {"shards": [asdict(s) for s in self.shards], "pending_tokens": self.pending_tokens}
+
+    def restore(self, state: dict) -> None:
+        self.shards = [ShardInfo(**s) for s in state["shards"]]
+        pending = np.load(self.pending_path, allow_pickle=False) if self.pending_path.exists() else np.zeros(0, self.dtype)
+        if len(pending) != state["pending_tokens"]:
+            raise DataError(f"{self.pending_path} does not match {self.directory / STATE}; delete {self.directory} and start again")
+        self.pending, self.pending_tokens = [pending], len(pending)
+
+
+@dataclass
+class Summary:
+    counts: Counts = field(default_factory=Counts)
+    tokens: int = 0
+    train_samples: int = 0
+    valid_samples: int = 0
+    train_shards: int = 0
+    valid_shards: int = 0
+    valid_documents: int = 0
+    dropped_tokens: int = 0
+    resumed_after_documents: int = 0
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    workers_peak_rss_mb: float = 0.0
+
+
+_worker_tokenizer = None
+
+
+def _init_worker(spec: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = load_tokenizer(spec)
+
+
+def _tokenize(texts: list[str]) -> list[np.ndarray]:
+    return [_worker_tokenizer.encode(text) for text in texts]
+
+
+def _batches(pieces: Iterator[Piece]) -> Iterator[list[Piece]]:
+    batch, chars = [], 0
+    for piece in pieces:
+        batch.append(piece)
+        chars += len(piece.text)
+        if chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _ordered_map(batches: Iterator[list[Piece]], spec: str, workers: int) -> Iterator[tuple[list[Piece], list[np.ndarray]]]:
+    """Tokenize batches in order; at most 2 x workers batches in flight."""
+    if workers <= 1:
+        _init_worker(spec)
+        for batch in batches:
+            yield batch, _tokenize([p.text for p in batch])
+        return
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(spec,)) as pool:
+        window: collections.deque = collections.deque()
+        for batch in batches:
+            window.append((batch, pool.apply_async(_tokenize, ([p.text for p in batch],))))
+            if len(window) >= 2 * workers:
+                done, result = window.popleft()
+                yield done, result.get()
+        while window:
+            done, result = window.popleft()
+            yield done, result.get()
+
+
+def _in_valid_split(document: int, fraction: float) -> bool:
+    """A fixed pseudo-random choice per document number: the same whatever the worker count."""
+    digest = hashlib.blake2b(document.to_bytes(8, "little"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < fraction * 2**64
+
+
+def _fingerprint(args: PreprocessArgs, files: list[Path], tokenizer_hash: str) -> str:
+    """What determines the output bytes (the worker count does not)."""
+    content = {"files": [(str(f), f.stat().st_size) for f in files], "seq_len": args.seq_len, "tokenizer": tokenizer_hash,
+               "json_key": args.json_key, "valid_fraction": args.valid_fraction, "shard_size_mb": args.shard_size_mb,
+               "on_error": args.on_error}
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()
+
+
+def preprocess(args: PreprocessArgs, progress: Progress | None = None) -> Summary:
+    started = time.monotonic()
+    _check_args(args)
+    files = expand_inputs(args.inputs)
+    tokenizer = load_tokenizer(args.tokenizer)
+    dtype = token_dtype(tokenizer.vocab_size)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(args, files, tokenizer.hash)
+    state = _previous_state(out, fingerprint)
+    for leftover in out.glob("*.tmp"):
+        leftover.unlink()
+
+    sample_len = args.seq_len + 1
+    per_shard = max(1, int(args.shard_size_mb * 2**20) // (sample_len * dtype.itemsize))
+    train, valid = (Packer(split, out, sample_len, per_shard, dtype) for split in ("train", "valid"))
+    summary = Summary()
+    skip = 0
+    if state:
+        train.restore(state["train"])
+        valid.restore(state["valid"])
+        skip, summary.tokens, summary.valid_documents = state["documents"], state["tokens"], state["valid_documents"]
+        summary.resumed_after_documents = skip
+
+    counts = summary.counts
+    progress = progress or Progress(total_bytes=sum(f.stat().st_size for f in files))
+
+    def pieces() -> Iterator[Piece]:
+        document = -1
+        for path in files:
+            for piece in read_pieces(path, args.json_key, args.on_error, counts):
+                document += piece.first
+                if document >= skip:
+                    yield piece
+
+    document = skip - 1
+    wrote = False
+    eod = np.array([tokenizer.eod_id], dtype=np.int64)
+    for batch, token_lists in _ordered_map(_batches(pieces()), args.tokenizer, args.workers):
+        for piece, tokens in zip(batch, token_lists):
+            if piece.first:
+                document += 1
+                to_valid = _in_valid_split(document, args.valid_fraction)
+                summary.valid_documents += to_valid
+            if piece.last:
+                tokens = np.concatenate([tokens, eod])
+            summary.tokens += len(tokens)
+            wrote |= (valid if to_valid else train).feed(tokens)
+            if piece.last and wrote:
+                _save_state(out, fingerprint, document + 1, summary, train, valid)
+                wrote = False
+        progress.update(counts.input_bytes, counts.documents, summary.tokens)
+
+    train.finish()
+    valid.finish()
+    summary.train_samples, summary.valid_samples = train.samples_written, valid.samples_written
+    summary.train_shards, summary.valid_shards = len(train.shards), len(valid.shards)
+    summary.dropped_tokens = train.dropped_tokens + valid.dropped_tokens
+    write_manifest(out, _manifest(args, files, tokenizer, dtype, train, valid, summary, fingerprint))
+    (out / STATE).unlink(missing_ok=True)
+    progress.close(counts.input_bytes, counts.documents, summary.tokens)
+    summary.seconds = time.monotonic() - started
+    summary.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    summary.workers_peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return summary
+
+
+def _check_args(args: PreprocessArgs) -> None:
+    if args.seq_len <= 0:
+        raise DataError(f"--seq-len must be positive, got {args.seq_len}")
+    if args.workers < 1:
+        raise DataError(f"--workers must be at least 1, got {args.workers}")
+    if not 0.0 <= args.valid_fraction < 1.0:
+        raise DataError(f"--valid-fraction must lie in [0, 1), got {args.valid_fraction}")
+    if args.shard_size_mb <= 0:
+        raise DataError(f"--shard-size-mb must be positive, got {args.shard_size_mb}")
+    if args.on_error not in ("skip", "fail"):
+        raise DataError(f"--on-error must be skip or fail, got {args.on_error}")
+
+
+def _previous_state(out: Path, fingerprint: str) -> dict | None:
+    """The saved position of an interrupted run with the same arguments, if any."""
+    manifest = out / MANIFEST
+    if manifest.exists():
+        raise DataError(f"{out} already holds a finished dataset ({manifest}). Fix: choose another --output, "
+                        f"or delete {out} to rebuild it")
+    path = out / STATE
+    if not path.exists():
+        if any(out.glob("*.tar")):
+            raise DataError(f"{out} holds shards but no {STATE} from megamem preprocess. Fix: choose an empty --output directory")
+        return None
+    state = json.loads(path.read_text())
+    if state.get("fingerprint") != fingerprint:
+        raise DataError(f"{out} holds an unfinished run with other inputs or arguments. Fix: re-run that exact command to finish "
+                        f"it, or delete {out} to start over")
+    return state
+
+
+def _save_state(out: Path, fingerprint: str, documents: int, summary: Summary, train: Packer, valid: Packer) -> None:
+    train.save_pending()
+    valid.save_pending()
+    state = {"fingerprint": fingerprint, "documents": documents, "tokens": summary.tokens,
+             "valid_documents": summary.valid_documents, "train": train.state(), "valid": valid.state()}
+    atomic_write(out / STATE, json.dumps(state).encode())
+
+
+def _manifest(args, files, tokenizer, dtype, train: Packer, valid: Packer, summary: Summary, fingerprint: str) -> dict:
+    counts = asdict(summary.counts)
+    counts.update(tokens=summary.tokens, train_samples=summary.train_samples, valid_samples=summary.valid_samples,
+                  valid_documents=summary.valid_documents, dropped_tokens=summary.dropped_tokens)
+    return {
+        "format": "megamem-shards-v1",
+        "seq_len": args.seq_len,
+        "sample_len": args.seq_len + 1,
+        "dtype": dtype.name,
+        "tokenizer": describe(tokenizer),
+        "shards": [asdict(s) for s in train.shards],
+        "valid_shards": [asdict(s) for s in valid.shards],
+        "sources": [{"path": str(f), "bytes": f.stat().st_size} for f in files],
+        "counts": counts,
+        "fingerprint": fingerprint,
+        "arguments": asdict(args),
+    }

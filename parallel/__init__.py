@@ -1,0 +1,1 @@
+"""Parallelism applied to a built model from outside: layouts, groups, sharded layers."""

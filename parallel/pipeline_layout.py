@@ -1,0 +1,25 @@
+"""Which blocks each pipeline stage holds.
+
+Every MemoryFormer block has the same tables, so contiguous, balanced runs of
+blocks give each stage an equal share of table memory (shared/spec/parallel.md);
+the embedding sits on the first stage and the final norm and head on the last.
+"""
+from __future__ import annotations
+
+from itertools import accumulate
+
+
+def blocks_per_stage(num_layers: int, pp: int) -> list[int]:
+    """The first num_layers % pp stages take one block more."""
+    if not 1 <= pp <= num_layers:
+        raise ValueError(f"cannot split {num_layers} blocks into {pp} pipeline stages; use 1 <= pp <= {num_layers}")
+    return [num_layers // pp + (1 if stage < num_layers % pp else 0) for stage in range(pp)]
+
+
+def stage_of_block(index: int, counts: list[int]) -> int:
+    """The stage that holds block `index` under the split `counts`."""
+    for stage, end in enumerate(accumulate(counts)):
+        if index < end:
+            return stage
+    raise IndexError(f"block {index} is beyond the {sum(counts)} blocks of the split {counts}")
+

@@ -60,9 +60,8 @@ class Packer:
         self.pending_tokens = 0
         self.dropped_tokens = 0
 
-    @property
-    def pending_path(self) -> Path:
-        return self.directory / f".pending-{self.split}.npy"
+    def _pending_path(self, documents: int) -> Path:
+        return self.directory / f".pending-{self.split}-{documents}.npy"
 
     @property
     def samples_written(self) -> int:
@@ -89,25 +88,26 @@ class Packer:
             self._write(stream[:full].reshape(-1, self.sample_len))
         self.dropped_tokens += len(stream) - full
         self.pending, self.pending_tokens = [], 0
-        self.pending_path.unlink(missing_ok=True)
 
     def _write(self, samples: np.ndarray) -> None:
         self.shards.append(write_shard(self.directory, shard_name(self.split, len(self.shards)), self.samples_written, samples))
 
-    def save_pending(self) -> None:
+    def save(self, documents: int) -> dict:
+        """Write the pending tokens under a name of their own; the state file, written after, points at it."""
         stream = np.concatenate(self.pending) if self.pending else np.zeros(0, self.dtype)
-        with open(self.pending_path.with_name(self.pending_path.name + ".tmp"), "wb") as handle:
+        path = self._pending_path(documents)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as handle:
             np.save(handle, stream, allow_pickle=False)
-        self.pending_path.with_name(self.pending_path.name + ".tmp").replace(self.pending_path)
-
-    def state(self) -> dict:
-        return {"shards": [asdict(s) for s in self.shards], "pending_tokens": self.pending_tokens}
+        tmp.replace(path)
+        return {"shards": [asdict(s) for s in self.shards], "pending": path.name, "pending_tokens": len(stream)}
 
     def restore(self, state: dict) -> None:
         self.shards = [ShardInfo(**s) for s in state["shards"]]
-        pending = np.load(self.pending_path, allow_pickle=False) if self.pending_path.exists() else np.zeros(0, self.dtype)
-        if len(pending) != state["pending_tokens"]:
-            raise DataError(f"{self.pending_path} does not match {self.directory / STATE}; delete {self.directory} and start again")
+        path = self.directory / state["pending"]
+        pending = np.load(path, allow_pickle=False) if path.exists() else None
+        if pending is None or len(pending) != state["pending_tokens"]:
+            raise DataError(f"{path} does not match {self.directory / STATE}; delete {self.directory} and start again")
         self.pending, self.pending_tokens = [pending], len(pending)
 
 
@@ -244,6 +244,7 @@ def preprocess(args: PreprocessArgs, progress: Progress | None = None) -> Summar
     summary.dropped_tokens = train.dropped_tokens + valid.dropped_tokens
     write_manifest(out, _manifest(args, files, tokenizer, dtype, train, valid, summary, fingerprint))
     (out / STATE).unlink(missing_ok=True)
+    _remove_pending(out, keep=set())
     progress.close(counts.input_bytes, counts.documents, summary.tokens)
     summary.seconds = time.monotonic() - started
     summary.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -283,11 +284,17 @@ def _previous_state(out: Path, fingerprint: str) -> dict | None:
 
 
 def _save_state(out: Path, fingerprint: str, documents: int, summary: Summary, train: Packer, valid: Packer) -> None:
-    train.save_pending()
-    valid.save_pending()
+    """Pending tokens first, under new names; then the state that names them; then the old pending files go."""
     state = {"fingerprint": fingerprint, "documents": documents, "tokens": summary.tokens,
-             "valid_documents": summary.valid_documents, "train": train.state(), "valid": valid.state()}
+             "valid_documents": summary.valid_documents, "train": train.save(documents), "valid": valid.save(documents)}
     atomic_write(out / STATE, json.dumps(state).encode())
+    _remove_pending(out, keep={state["train"]["pending"], state["valid"]["pending"]})
+
+
+def _remove_pending(out: Path, keep: set[str]) -> None:
+    for path in out.glob(".pending-*.npy"):
+        if path.name not in keep:
+            path.unlink()
 
 
 def _manifest(args, files, tokenizer, dtype, train: Packer, valid: Packer, summary: Summary, fingerprint: str) -> dict:

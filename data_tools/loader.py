@@ -1,0 +1,216 @@
+"""The training data loader: deterministic, data-parallel, resumable, blended.
+
+Order. Each dataset's epoch e is a permutation of its samples drawn from
+(seed, dataset, e): shards in a shuffled order, samples shuffled within each
+shard. Data-parallel rank r reads the r-th contiguous block of floor(N / dp)
+samples of that order, so ranks read disjoint shards and, together, the epoch
+(less N mod dp samples). The rank comes from the parallel state, never from the
+environment: every tensor- and pipeline-parallel rank of one replica therefore
+reads exactly the same samples.
+
+Blending. Positions are grouped in blocks of BLEND_BLOCK; every block takes the
+same number of samples from each dataset (weights rounded by largest remainder)
+in the same interleaved pattern, so the dataset and its own position behind any
+global position are O(1) arithmetic, which is what makes resuming exact.
+
+Workers. Batch b holds positions [b B, (b + 1) B). DataLoader worker w builds
+batches w, w + W, ... and the DataLoader hands them out round-robin, so the batch
+sequence is the same for any worker count. The position (batches consumed) is
+the loader's whole state: a resumed run sees exactly the batches an
+uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from itertools import count
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from megamem.data_tools.shards import Manifest, load_manifest, read_shard
+from megamem.errors import DataError
+
+BLEND_BLOCK = 4096
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([k & 0xFFFFFFFF for k in key]))
+
+
+class DatasetOrder:
+    """Where the q-th sample of one dataset, for one data-parallel rank, lives."""
+
+    def __init__(self, manifest: Manifest, split: str, seed: int, index: int, dp_rank: int, dp_size: int, shuffle: bool):
+        self.manifest, self.seed, self.index, self.shuffle = manifest, seed, index, shuffle
+        self.shards = manifest.shards if split == "train" else manifest.valid_shards
+        total = sum(s.samples for s in self.shards)
+        self.per_rank = total // dp_size
+        if self.per_rank == 0:
+            raise DataError(f"dataset {manifest.directory} has {total} {split} samples, fewer than the {dp_size} "
+                            f"data-parallel ranks. Fix: preprocess more data or use fewer ranks")
+        self.first = dp_rank * self.per_rank
+        self._epoch: int | None = None
+
+    def locate(self, q: int) -> tuple[int, int, int]:
+        """(epoch, shard, row in the shard's stored order) of this rank's q-th sample."""
+        epoch, i = divmod(q, self.per_rank)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self.shard_order = _rng(self.seed, self.index, epoch).permutation(len(self.shards)) if self.shuffle \
+                else np.arange(len(self.shards))
+            self.ends = np.cumsum([self.shards[s].samples for s in self.shard_order])
+        position = self.first + i
+        slot = int(np.searchsorted(self.ends, position, side="right"))
+        shard = int(self.shard_order[slot])
+        offset = position - (int(self.ends[slot - 1]) if slot else 0)
+        return epoch, shard, offset
+
+    def row_order(self, epoch: int, shard: int) -> np.ndarray:
+        n = self.shards[shard].samples
+        return _rng(self.seed, self.index, epoch, shard + 1).permutation(n) if self.shuffle else np.arange(n)
+
+
+def blend_pattern(weights: list[float], block: int = BLEND_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """(dataset of each slot in a block, count of each dataset before each slot [block + 1, D])."""
+    share = np.asarray(weights, dtype=np.float64) / sum(weights) * block
+    counts = np.floor(share).astype(np.int64)
+    for d in np.argsort(-(share - counts), kind="stable")[: block - counts.sum()]:
+        counts[d] += 1
+    placed = np.zeros(len(weights), dtype=np.int64)
+    pattern = np.empty(block, dtype=np.int64)
+    before = np.zeros((block + 1, len(weights)), dtype=np.int64)
+    for slot in range(block):
+        d = int(np.argmax((slot + 1) * counts / block - placed))
+        pattern[slot] = d
+        placed[d] += 1
+        before[slot + 1] = placed
+    return pattern, before
+
+
+class TokenBatches(IterableDataset):
+    """Batches [B, seq_len + 1] of int64 tokens from `start_batch` on (forever, or `max_batches`)."""
+
+    def __init__(self, manifests: list[Manifest], weights: list[float], split: str, batch_size: int, seed: int,
+                 dp_rank: int, dp_size: int, start_batch: int = 0, max_batches: int | None = None):
+        self.manifests, self.batch_size, self.start_batch, self.max_batches = manifests, batch_size, start_batch, max_batches
+        shuffle = split == "train"
+        self.orders = [DatasetOrder(m, split, seed, i, dp_rank, dp_size, shuffle) for i, m in enumerate(manifests)]
+        self.pattern, self.before = blend_pattern(weights)
+        self.block_counts = self.before[-1]
+        self._cache: dict[int, tuple[tuple[int, int], np.ndarray]] = {}
+
+    def source_of(self, position: int) -> tuple[int, int]:
+        """(dataset, that dataset's own position) behind a global position."""
+        block, slot = divmod(position, len(self.pattern))
+        d = int(self.pattern[slot])
+        return d, block * int(self.block_counts[d]) + int(self.before[slot, d])
+
+    def sample(self, position: int) -> np.ndarray:
+        d, q = self.source_of(position)
+        order = self.orders[d]
+        epoch, shard, offset = order.locate(q)
+        key = (epoch, shard)
+        cached = self._cache.get(d)
+        if cached is None or cached[0] != key:
+            rows = read_shard(self.manifests[d].directory, order.shards[shard], self.manifests[d].seq_len, self.manifests[d].dtype)
+            cached = (key, rows[order.row_order(epoch, shard)])
+            self._cache[d] = cached
+        return cached[1][offset]
+
+    def batch(self, index: int) -> torch.Tensor:
+        first = index * self.batch_size
+        rows = np.stack([self.sample(p) for p in range(first, first + self.batch_size)])
+        return torch.from_numpy(rows.astype(np.int64))
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        stop = None if self.max_batches is None else self.start_batch + self.max_batches
+        for index in count(self.start_batch + worker, workers):
+            if stop is not None and index >= stop:
+                return
+            yield self.batch(index)
+
+
+@dataclass
+class DataSpec:
+    """What a loader needs from the run's config."""
+
+    paths: list[str]
+    weights: list[float]
+    seq_len: int
+    vocab_size: int
+    tokenizer_hash: str
+    tokenizer_name: str
+
+
+def open_datasets(spec: DataSpec) -> list[Manifest]:
+    """Load every manifest and check it against the model and tokenizer: fail before training starts."""
+    manifests = [load_manifest(Path(p)) for p in spec.paths]
+    for manifest in manifests:
+        where = manifest.directory
+        if manifest.seq_len != spec.seq_len:
+            raise DataError(f"dataset {where} holds sequences of {manifest.seq_len} tokens but model.seq_len is {spec.seq_len}. "
+                            f"Fix: set model.seq_len={manifest.seq_len} or preprocess with --seq-len {spec.seq_len}")
+        if manifest.tokenizer["hash"] != spec.tokenizer_hash:
+            raise DataError(f"dataset {where} was tokenized with a different tokenizer ({manifest.tokenizer['kind']}, "
+                            f"hash {manifest.tokenizer['hash'][:12]}) than data.tokenizer={spec.tokenizer_name}. "
+                            f"Fix: set data.tokenizer to the one in {where / 'manifest.json'} or re-run megamem preprocess")
+        if manifest.tokenizer["vocab_size"] > spec.vocab_size:
+            raise DataError(f"dataset {where} uses {manifest.tokenizer['vocab_size']} token ids but model.vocab_size is "
+                            f"{spec.vocab_size}. Fix: set model.vocab_size={manifest.tokenizer['vocab_size']}")
+    return manifests
+
+
+class TrainLoader:
+    """Iterator over training batches whose position is checkpointed (state_dict / load_state_dict)."""
+
+    def __init__(self, manifests: list[Manifest], weights: list[float], batch_size: int, seed: int, dp_rank: int,
+                 dp_size: int, num_workers: int):
+        self.args = (manifests, weights, "train", batch_size, seed, dp_rank, dp_size)
+        self.num_workers = num_workers
+        self.fingerprint = hashlib.sha256(repr(([str(m.directory) for m in manifests], weights, batch_size, seed,
+                                                dp_rank, dp_size)).encode()).hexdigest()
+        self.batches = 0
+        self._iterator = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._iterator is None:
+            dataset = TokenBatches(*self.args, start_batch=self.batches)
+            self._iterator = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                             prefetch_factor=4 if self.num_workers else None))
+        try:
+            batch = next(self._iterator)
+        except DataError as err:     # from a worker, its message carries the worker's traceback: keep the last line
+            raise DataError(str(err).strip().splitlines()[-1].removeprefix("megamem.errors.DataError: ")) from None
+        self.batches += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["fingerprint"] != self.fingerprint:
+            raise DataError("the checkpoint's data position belongs to other datasets, weights, batch size, seed or "
+                            "data-parallel layout; resuming would repeat or skip samples. Fix: resume with the same "
+                            "data and layout, or start a new run")
+        self.batches = state["batches"]
+        self._iterator = None
+
+
+def valid_batches(manifests: list[Manifest], batch_size: int, dp_rank: int, dp_size: int, max_batches: int):
+    """The first `max_batches` validation batches of this rank, in a fixed order (the same at every evaluation)."""
+    usable = [m for m in manifests if m.valid_samples >= dp_size]
+    if not usable:
+        raise DataError(f"no validation samples for {dp_size} data-parallel ranks in "
+                        f"{', '.join(str(m.directory) for m in manifests)}. Fix: preprocess with a larger --valid-fraction")
+    dataset = TokenBatches(usable, [1.0] * len(usable), "valid", batch_size, 0, dp_rank, dp_size, max_batches=max_batches)
+    per_rank = min(order.per_rank for order in dataset.orders) * len(usable)
+    dataset.max_batches = max(1, min(max_batches, per_rank // batch_size))
+    return iter(dataset)

@@ -37,6 +37,7 @@ class Counts:
     malformed_lines: int = 0
     missing_key_lines: int = 0
     input_bytes: int = 0
+    bytes_read: int = 0          # of the input files (compressed bytes for .gz/.zst), for progress
 
     def add(self, other: "Counts") -> None:
         for f in dataclasses.fields(self):
@@ -89,26 +90,28 @@ def expand_inputs(specs: list[str]) -> list[Path]:
     return unique
 
 
-def _open(path: Path) -> IO[bytes]:
-    raw = open(path, "rb")
+def _open(raw: IO[bytes], path: Path) -> IO[bytes]:
     if path.suffix == ".gz":
         return gzip.GzipFile(fileobj=raw)
     if path.suffix == ".zst":
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True))
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False))
     return raw
 
 
 def read_pieces(path: Path, json_key: str, on_error: str, counts: Counts) -> Iterator[Piece]:
     """Yield the pieces of every non-empty document of `path`, in order."""
     counts.files += 1
-    counts.input_bytes += path.stat().st_size
-    with _open(path) as stream:
-        if _kind(path) == "jsonl":
-            yield from _jsonl_pieces(path, stream, json_key, on_error, counts)
-        else:
-            yield from _text_pieces(stream, counts)
+    size = path.stat().st_size
+    counts.input_bytes += size
+    before = counts.bytes_read
+    with open(path, "rb") as raw, _open(raw, path) as stream:
+        pieces = _jsonl_pieces(path, stream, json_key, on_error, counts) if _kind(path) == "jsonl" else _text_pieces(stream, counts)
+        for piece in pieces:
+            counts.bytes_read = before + raw.tell()
+            yield piece
+    counts.bytes_read = before + size
 
 
 def _jsonl_pieces(path: Path, stream: IO[bytes], json_key: str, on_error: str, counts: Counts) -> Iterator[Piece]:

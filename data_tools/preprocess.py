@@ -235,7 +235,7 @@ def preprocess(args: PreprocessArgs, progress: Progress | None = None) -> Summar
             if piece.last and wrote:
                 _save_state(out, fingerprint, document + 1, summary, train, valid)
                 wrote = False
-        progress.update(counts.input_bytes, counts.documents, summary.tokens)
+        progress.update(counts.bytes_read, counts.documents, summary.tokens)
 
     train.finish()
     valid.finish()
@@ -245,7 +245,7 @@ def preprocess(args: PreprocessArgs, progress: Progress | None = None) -> Summar
     write_manifest(out, _manifest(args, files, tokenizer, dtype, train, valid, summary, fingerprint))
     (out / STATE).unlink(missing_ok=True)
     _remove_pending(out, keep=set())
-    progress.close(counts.input_bytes, counts.documents, summary.tokens)
+    progress.close(counts.bytes_read, counts.documents, summary.tokens)
     summary.seconds = time.monotonic() - started
     summary.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     summary.workers_peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

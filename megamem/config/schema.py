@@ -61,8 +61,15 @@ class DataSource:
 
 @dataclass
 class DataConfig:
+    """One dataset (`path`) or a weighted blend (`sources`), each a megamem preprocess output.
+
+    `tokenizer` must be the one the data was made with ("byte" or a tokenizer.json):
+    training checks its hash against every manifest.
+    """
+
     path: Optional[str] = None
     sources: list[DataSource] = field(default_factory=list)
+    tokenizer: str = "byte"
     num_workers: int = 1
 
 

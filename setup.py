@@ -11,6 +11,7 @@ PACKAGES = {
     "megamem.config": "megamem/config",
     "megamem.model": "megamem/model",
     "megamem.cli": "megamem/cli",
+    "megamem.training": "megamem/training",
     "megamem.kernels": "kernels",
     "megamem.parallel": "parallel",
     "megamem.data_tools": "data_tools",
@@ -23,7 +24,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    install_requires=["torch>=2.1", "pyyaml>=6", "numpy", "webdataset>=0.2", "tokenizers>=0.15", "zstandard"],
+    install_requires=["torch>=2.1", "pyyaml>=6", "numpy", "webdataset>=0.2", "tokenizers>=0.15", "zstandard", "deepspeed>=0.14", "tensorboard", "safetensors"],
     extras_require={"test": ["pytest>=7"]},
     entry_points={"console_scripts": ["megamem=megamem.cli.main:main"]},
 )

@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megamem.cli import flops, plan, preprocess, train_tokenizer
+from megamem.cli import export, flops, plan, preprocess, train, train_tokenizer
 from megamem.errors import MegamemError
 
-COMMANDS = (flops, plan, preprocess, train_tokenizer)
+COMMANDS = (preprocess, train_tokenizer, train, export, flops, plan)
 
 DESCRIPTION = """\
 megamem: pretraining for MemoryFormer language models.
@@ -21,6 +21,7 @@ examples:
   megamem flops configs/memoryformer-tiny.yaml --seq-len 2048
   megamem plan configs/memoryformer-base.yaml --tp 8 --pp 1 --dp 8 --zero 1 --micro-batch 4
   megamem preprocess --input 'corpus/*.jsonl' --output data/corpus --seq-len 2048 --workers 8
+  megamem train configs/memoryformer-tiny.yaml --set data.path=data/corpus --nproc 8
 Run `megamem COMMAND --help` for each command's options."""
 
 

@@ -71,6 +71,15 @@ def load_config(paths: Iterable[str | Path], overrides: Iterable[str] = ()) -> C
     return config
 
 
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    """Build and validate a config from a plain mapping (e.g. one stored beside exported weights)."""
+    sources = Sources()
+    _merge({}, data, source, sources, prefix="")
+    config = _build(Config, data, sources, prefix="")
+    validate(config, sources)
+    return config
+
+
 def config_to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 

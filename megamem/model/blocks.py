@@ -44,8 +44,9 @@ class MemoryFormerBlock(nn.Module):
         self.ml2 = memory(wide, d, tau + cfg.expanding_bits, cfg.table_init_std)
 
     def forward(self, x_BSd: torch.Tensor) -> torch.Tensor:
-        codes, p = self.q.hash(self.norm1(x_BSd))
-        z_BSd = x_BSd + self.attention(self.q.lookup(codes, p), self.k.lookup(codes, p), self.v.lookup(codes, p))
+        a_BSd = self.norm1(x_BSd)
+        hashed = self.q.hash(a_BSd)
+        z_BSd = x_BSd + self.attention(self.q(a_BSd, hashed), self.k(a_BSd, hashed), self.v(a_BSd, hashed))
         wide = self.norm3(self.ml1(self.norm2(z_BSd)))
         if self.gelu:
             wide = F.gelu(wide)

@@ -27,6 +27,7 @@ class MemoryLayer(nn.Module):
         self.num_chunks = in_features // tau
         self.temperature, self.weighting, self.init_std = temperature, weighting, init_std
         self.kernel = kernel
+        self.observer = None        # set from outside (training statistics): called as observer(layer, codes, p)
         self.tables = nn.Parameter(torch.empty(self.num_chunks, 2**tau, out_features))   # [K, R, D]
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.reset_parameters()
@@ -39,14 +40,22 @@ class MemoryLayer(nn.Module):
     def hash(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes and p of x, for layers that share one input (Q, K, V)."""
         self._check_width(x)
-        return self.kernel.hash(x, self.tau, self.temperature, self.weighting)
+        codes, p = self.kernel.hash(x, self.tau, self.temperature, self.weighting)
+        if self.observer is not None:
+            self.observer(self, codes, p)
+        return codes, p
 
-    def lookup(self, codes: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hashed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """y for input x; `hashed` = (codes, p) of x when another layer already hashed it.
+
+        Shared codes go through forward, not a side method, so that module hooks
+        (ZeRO-3 gathering the tables, profilers) see every lookup.
+        """
+        if hashed is None and self.observer is None:
+            self._check_width(x)
+            return self.kernel.hash_gather_sum(x, self.tables, self.bias, self.tau, self.temperature, self.weighting)
+        codes, p = hashed if hashed is not None else self.hash(x)   # the observer needs the codes: unfused path
         return self.kernel.gather_sum(codes, p, self.tables, self.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_width(x)
-        return self.kernel.hash_gather_sum(x, self.tables, self.bias, self.tau, self.temperature, self.weighting)
 
     def macs_per_token(self) -> int:
         """One multiply-add per retrieved element: K rows of d_out (spec section 4)."""

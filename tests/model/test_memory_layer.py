@@ -41,10 +41,15 @@ def test_refuses_wrong_input_width():
         layer(torch.randn(3, 8))
 
 
-def test_hash_then_lookup_equals_forward():
+def test_shared_hashing_and_observed_path_equal_the_fused_forward():
     layer = MemoryLayer(16, 6, tau=8, kernel=REFERENCE, bias=True)
     x = torch.randn(5, 16)
-    torch.testing.assert_close(layer.lookup(*layer.hash(x)), layer(x))
+    fused = layer(x)
+    torch.testing.assert_close(layer(x, layer.hash(x)), fused)
+    seen = []
+    layer.observer = lambda module, codes, p: seen.append((module, codes.shape, p.shape))
+    torch.testing.assert_close(layer(x), fused)
+    assert seen == [(layer, (5, 2), (5, 2))]
 
 
 def test_init_follows_the_paper_and_the_released_bias():

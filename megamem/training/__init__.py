@@ -1,0 +1,1 @@
+"""Training: DeepSpeed engine, trainer loop, monitoring, checkpoints, export."""

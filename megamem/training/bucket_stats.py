@@ -1,0 +1,85 @@
+"""Bucket usage of every Memory Layer: the health signal only a MemoryFormer has.
+
+A table whose rows are rarely hit wastes memory and learns slowly; the paper
+reports near-uniform bucket use (its Figure 4) and calls the norm before ML2
+vital for it. Per layer and log interval this reports the normalized entropy of
+bucket use (1 = uniform), the fraction of buckets never hit, and the mean p.
+Counting is an observer attached to each Memory Layer that hashes; Q, K and V
+share one hashing, reported as `qkv`. Activation checkpointing replays the
+forward and counts twice, which leaves every reported ratio unchanged.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megamem.model.memory_layer import MemoryLayer
+
+KIND_OF = {"q": "qkv", "ml1": "ml1", "ml2": "ml2"}
+
+
+class BucketStats:
+    def __init__(self, model: nn.Module):
+        self.layers: dict[str, MemoryLayer] = {}
+        for name, module in model.named_modules():
+            short = name.rsplit(".", 1)[-1]
+            if isinstance(module, MemoryLayer) and short in KIND_OF:
+                label = f"{name.rsplit('.', 1)[0]}.{KIND_OF[short]}"
+                self.layers[label] = module
+                module.observer = self._observe
+        self.labels = {id(m): label for label, m in self.layers.items()}
+        self.counts = {label: torch.zeros(m.num_chunks * 2**m.tau, dtype=torch.int64, device=m.tables.device)
+                       for label, m in self.layers.items()}
+        self.p_sum = {label: torch.zeros((), dtype=torch.float64, device=m.tables.device) for label, m in self.layers.items()}
+        self.p_count = dict.fromkeys(self.layers, 0)
+
+    def _observe(self, layer: MemoryLayer, codes: torch.Tensor, p: torch.Tensor) -> None:
+        if not layer.training:
+            return
+        label = self.labels[id(layer)]
+        rows = 2**layer.tau
+        offsets = torch.arange(layer.num_chunks, device=codes.device, dtype=codes.dtype) * rows
+        with torch.no_grad():
+            flat = (codes.reshape(-1, layer.num_chunks) + offsets).reshape(-1)
+            self.counts[label] += torch.bincount(flat.long(), minlength=self.counts[label].numel())
+            self.p_sum[label] += p.detach().double().sum()
+        self.p_count[label] += p.numel()
+
+    def reduce(self, group=None) -> None:
+        """Sum counts over data-parallel ranks (a collective: every rank of the group calls it)."""
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            for label in self.layers:
+                dist.all_reduce(self.counts[label], group=group)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per layer: normalized entropy, never-hit fraction, mean p, over the interval since the last reset."""
+        out = {}
+        for label, layer in self.layers.items():
+            counts = self.counts[label].view(layer.num_chunks, -1).double()
+            totals = counts.sum(1, keepdim=True).clamp_min(1)
+            probs = counts / totals
+            entropy = -(probs * probs.clamp_min(1e-30).log()).sum(1) / math.log(counts.shape[1])
+            out[label] = {"entropy": entropy.mean().item(), "unused_fraction": (counts == 0).double().mean().item(),
+                          "mean_p": (self.p_sum[label] / max(self.p_count[label], 1)).item()}
+        return out
+
+    def histograms(self) -> dict[str, torch.Tensor]:
+        """Bucket counts of the first table of the first block and the last table of the last block, per kind."""
+        out = {}
+        for kind in sorted(set(KIND_OF.values())):
+            labels = [label for label in self.layers if label.endswith(f".{kind}")]
+            if not labels:
+                continue
+            first, last = self.layers[labels[0]], self.layers[labels[-1]]
+            out[f"{kind}/first_table"] = self.counts[labels[0]].view(first.num_chunks, -1)[0].cpu()
+            out[f"{kind}/last_table"] = self.counts[labels[-1]].view(last.num_chunks, -1)[-1].cpu()
+        return out
+
+    def reset(self) -> None:
+        for label in self.layers:
+            self.counts[label].zero_()
+            self.p_sum[label].zero_()
+            self.p_count[label] = 0

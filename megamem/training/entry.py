@@ -1,0 +1,130 @@
+"""What every training rank runs, however it was started.
+
+`megamem train` runs it in-process (one rank) or through the deepspeed launcher
+(`--nproc N`); clusters start it with `deepspeed launchers/pretrain.py` or
+`torchrun launchers/pretrain.py`. Build order: distributed init, layout checks,
+model, data, optimizer and DeepSpeed engine, monitoring, resume, loop.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import torch
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="one megamem training rank")
+    parser.add_argument("--config", nargs="+", required=True, help="YAML files, merged in order")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--resume", default="auto", help="auto (newest complete checkpoint), none, or a checkpoint directory")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def single_process_env() -> None:
+    """Let one process without a launcher form a world of one."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def run_training(config, resume: str) -> None:
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import torch.distributed as dist
+
+    from megamem.config import save_config, validate_world
+    from megamem.data_tools.loader import DataSpec, TrainLoader, open_datasets
+    from megamem.data_tools.tokenizer import load_tokenizer
+    from megamem.errors import MegamemError
+    from megamem.flops import flops_report
+    from megamem.model import build_model
+    from megamem.parallel.activation_checkpointing import apply_activation_checkpointing
+    from megamem.parallel.state import ParallelState
+    from megamem.training.bucket_stats import BucketStats
+    from megamem.training.checkpoint import find_resume
+    from megamem.training.deepspeed_config import deepspeed_config
+    from megamem.training.metrics import MetricsLogger
+    from megamem.training.optimizer import build_optimizer, build_scheduler
+    from megamem.training.trainer import Trainer
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    par = config.parallel
+    if par.tp > 1 or par.pp > 1:
+        raise MegamemError(f"parallel.tp={par.tp}, parallel.pp={par.pp}: this version of megamem trains with data "
+                           f"parallelism and ZeRO only. Fix: set parallel.tp=1 and parallel.pp=1 (megamem plan sizes larger layouts)")
+    dp = validate_world(config, world)
+    state = ParallelState.for_world(par.tp, par.pp, world, rank)
+    state.build_groups()
+
+    run_dir = Path(config.run.dir)
+    resume_from = find_resume(run_dir, resume)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+
+    data = config.data
+    sources = [(data.path, 1.0)] if data.path else [(s.path, s.weight) for s in data.sources]
+    if not sources:
+        raise MegamemError("no training data: set data.path to a megamem preprocess output (or data.sources for a blend)")
+    tokenizer = load_tokenizer(data.tokenizer)
+    manifests = open_datasets(DataSpec([p for p, _ in sources], [w for _, w in sources], config.model.seq_len,
+                                       config.model.vocab_size, tokenizer.hash, data.tokenizer))
+    loader = TrainLoader(manifests, [w for _, w in sources], config.train.micro_batch_size, config.run.seed,
+                         state.dp_rank, dp, data.num_workers)
+
+    torch.manual_seed(config.run.seed)
+    model = build_model(config)
+    if config.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    optimizer = build_optimizer(model, config.optimizer)
+    scheduler = build_scheduler(optimizer, config.train.steps, config.schedule, config.optimizer.lr)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(config, dp))
+    flops_per_token = flops_report(config, config.model.seq_len)["model"]["training_flops_per_token"]
+    logger = MetricsLogger(run_dir, rank == 0, config.logging.tensorboard, config.train.steps)
+    trainer = Trainer(config, state, engine, loader, manifests, logger, BucketStats(engine.module), flops_per_token, device)
+    if resume_from is not None:
+        trainer.load(resume_from)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
+    logger.message(f"megamem: training {config.model.arch} on {world} rank(s) (dp={dp}, ZeRO {par.zero_stage}, "
+                   f"{config.train.precision}) into {run_dir}; watch with: tensorboard --logdir {run_dir / 'tensorboard'}")
+    trainer.fit()
+    logger.close()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megamem.config import load_config
+    from megamem.errors import MegamemError
+
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        single_process_env()
+        run_training(config, args.resume)
+    except MegamemError as err:
+        print(f"megamem train: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

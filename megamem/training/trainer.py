@@ -1,0 +1,147 @@
+"""The training loop, as named steps: train_step, evaluate, save, load, fit.
+
+The trainer owns the step counter and the data position; both go into every
+checkpoint, so a resumed run continues with exactly the batches and learning
+rates an uninterrupted run would have seen. Stopping is agreed by all ranks
+each step (a one-element all-reduce), so a SIGTERM on any rank, e.g. SLURM
+preempting the job, leads every rank to the same final checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megamem.config.schema import Config
+from megamem.data_tools.loader import TrainLoader, valid_batches
+from megamem.model.language_model import lm_loss
+from megamem.parallel.state import ParallelState
+from megamem.training.bucket_stats import BucketStats
+from megamem.training.checkpoint import load_checkpoint, save_checkpoint
+from megamem.training.metrics import MetricsLogger
+
+
+class Trainer:
+    def __init__(self, config: Config, state: ParallelState, engine, loader: TrainLoader, valid_manifests: list,
+                 logger: MetricsLogger, stats: BucketStats, flops_per_token: int, device: torch.device):
+        self.config, self.state, self.engine, self.loader = config, state, engine, loader
+        self.valid_manifests, self.logger, self.stats = valid_manifests, logger, stats
+        self.flops_per_token, self.device = flops_per_token, device
+        self.step = 0
+        self.stop_requested = False
+        self.accumulation = engine.gradient_accumulation_steps()
+
+    def train_step(self, measure_grad_norm: bool) -> dict[str, float]:
+        """One optimizer step over `accumulation` micro-batches; returns its scalars."""
+        times = dict.fromkeys(("data_ms", "forward_ms", "backward_ms", "optimizer_ms"), 0.0)
+        losses = []
+        grad_norm = None
+        started = time.perf_counter()
+        for micro in range(self.accumulation):
+            mark = time.perf_counter()
+            batch = next(self.loader).to(self.device, non_blocking=True)
+            times["data_ms"] += self._lap(mark)
+            mark = time.perf_counter()
+            loss = lm_loss(self.engine(batch[:, :-1]), batch[:, 1:])
+            times["forward_ms"] += self._lap(mark)
+            mark = time.perf_counter()
+            self.engine.backward(loss)
+            times["backward_ms"] += self._lap(mark)
+            if measure_grad_norm and micro == self.accumulation - 1 and self.config.parallel.zero_stage == 0:
+                grad_norm = _local_grad_norm(self.engine.module)
+            mark = time.perf_counter()
+            self.engine.step()
+            times["optimizer_ms"] += self._lap(mark)
+            losses.append(loss.detach())
+        step_ms = (time.perf_counter() - started) * 1e3
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        tokens = self.config.train.micro_batch_size * self.accumulation * self.config.model.seq_len
+        tokens_per_sec = tokens / (step_ms / 1e3)        # per rank
+        tflops = tokens_per_sec * self.flops_per_token / 1e12
+        return {"loss": torch.stack(losses).float().mean(), "lr": self.engine.get_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "loss_scale": float(getattr(self.engine.optimizer, "cur_scale", 1.0)),
+                "tokens_per_sec": tokens_per_sec * self.state.dp,
+                "samples_per_sec": tokens_per_sec * self.state.dp / self.config.model.seq_len,
+                "tflops_per_gpu": tflops, "mfu": tflops / self.config.logging.peak_tflops,
+                "step_ms": step_ms, **times, "memory_gb": _memory_gb()}
+
+    def _lap(self, mark: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return (time.perf_counter() - mark) * 1e3
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over the same eval_steps batches every time, averaged over data-parallel ranks."""
+        self.engine.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for batch in valid_batches(self.valid_manifests, self.config.train.micro_batch_size, self.state.dp_rank,
+                                   self.state.dp, self.config.train.eval_steps):
+            batch = batch.to(self.device)
+            total += torch.stack([lm_loss(self.engine(batch[:, :-1]), batch[:, 1:]).double(), torch.ones((), dtype=torch.float64, device=self.device)])
+        self.engine.train()
+        dist.all_reduce(total, group=self.state.group("dp"))
+        return (total[0] / total[1]).item()
+
+    def save(self) -> Path:
+        extra = {"loader": self.loader.state_dict()}
+        path = save_checkpoint(self.engine, Path(self.config.run.dir), self.step, extra, self.config.checkpoint.keep)
+        self.logger.message(f"saved checkpoint {path}")
+        return path
+
+    def load(self, path: Path) -> None:
+        marker = load_checkpoint(self.engine, path)
+        self.step = marker["step"]
+        self.loader.load_state_dict(marker["loader"])
+        self.logger.message(f"resumed from {path} at step {self.step}")
+
+    def _agree_to_stop(self) -> bool:
+        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def fit(self) -> None:
+        cfg = self.config
+        total = cfg.train.steps
+        while self.step < total:
+            log_now = (self.step + 1) % cfg.logging.interval == 0 or self.step + 1 == total
+            scalars = self.train_step(measure_grad_norm=log_now)
+            self.step += 1
+            if log_now:
+                loss = scalars["loss"].to(self.device)
+                dist.all_reduce(loss, group=self.state.group("dp"))
+                scalars["loss"] = loss.item() / self.state.dp
+                if self.step % cfg.train.eval_interval == 0 or self.step == total:
+                    scalars["valid_loss"] = self.evaluate()
+                    scalars["valid_perplexity"] = math.exp(min(scalars["valid_loss"], 50.0))
+                self.stats.reduce(self.state.group("dp"))
+                self.logger.log(self.step, scalars, self.stats.summary())
+                self.logger.console(self.step, scalars)
+                if self.step % cfg.logging.histogram_interval < cfg.logging.interval:
+                    self.logger.histograms(self.step, self.stats.histograms())
+                self.stats.reset()
+            stop = self._agree_to_stop()
+            if self.step % cfg.checkpoint.interval == 0 or self.step == total or stop:
+                self.save()
+            if stop:
+                self.logger.message(f"stopping at step {self.step} on request (SIGTERM); resume with --resume auto")
+                return
+
+
+def _local_grad_norm(module: torch.nn.Module) -> float:
+    """Global gradient norm when every rank holds full, already averaged gradients (ZeRO stage 0)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.stack(norms).norm().item() if norms else 0.0
+
+
+def _memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9

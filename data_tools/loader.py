@@ -2,11 +2,15 @@
 
 Order. Each dataset's epoch e is a permutation of its samples drawn from
 (seed, dataset, e): shards in a shuffled order, samples shuffled within each
-shard. Data-parallel rank r reads the r-th contiguous block of floor(N / dp)
-samples of that order, so ranks read disjoint shards and, together, the epoch
-(less N mod dp samples). The rank comes from the parallel state, never from the
-environment: every tensor- and pipeline-parallel rank of one replica therefore
-reads exactly the same samples.
+shard; epochs follow one another without a gap.
+
+Data parallelism. As in Megatron, the global sample order is cut into slots of
+one micro-batch, and data-parallel rank r takes slots r, r + dp, r + 2 dp, ...:
+its k-th micro-batch is slot k dp + r. So an optimizer step always trains on the
+same consecutive samples whatever the split into ranks and accumulation steps,
+replicas never share a sample, and together they cover every epoch. The rank
+comes from the parallel state, never from the environment: every tensor- and
+pipeline-parallel rank of one replica reads exactly the same samples.
 
 Blending. Positions are grouped in blocks of BLEND_BLOCK; every block takes the
 same number of samples from each dataset (weights rounded by largest remainder)
@@ -41,28 +45,25 @@ def _rng(*key: int) -> np.random.Generator:
 
 
 class DatasetOrder:
-    """Where the q-th sample of one dataset, for one data-parallel rank, lives."""
+    """Where the q-th sample of one dataset's endless sequence of epochs lives."""
 
-    def __init__(self, manifest: Manifest, split: str, seed: int, index: int, dp_rank: int, dp_size: int, shuffle: bool):
+    def __init__(self, manifest: Manifest, split: str, seed: int, index: int, shuffle: bool):
         self.manifest, self.seed, self.index, self.shuffle = manifest, seed, index, shuffle
         self.shards = manifest.shards if split == "train" else manifest.valid_shards
-        total = sum(s.samples for s in self.shards)
-        self.per_rank = total // dp_size
-        if self.per_rank == 0:
-            raise DataError(f"dataset {manifest.directory} has {total} {split} samples, fewer than the {dp_size} "
-                            f"data-parallel ranks. Fix: preprocess more data or use fewer ranks")
-        self.first = dp_rank * self.per_rank
+        self.samples = sum(s.samples for s in self.shards)
+        if self.samples == 0:
+            raise DataError(f"dataset {manifest.directory} has no {split} samples. Fix: preprocess more data"
+                            + (" or a larger --valid-fraction" if split == "valid" else ""))
         self._epoch: int | None = None
 
     def locate(self, q: int) -> tuple[int, int, int]:
-        """(epoch, shard, row in the shard's stored order) of this rank's q-th sample."""
-        epoch, i = divmod(q, self.per_rank)
+        """(epoch, shard, row in the shard's shuffled order) of the q-th sample."""
+        epoch, position = divmod(q, self.samples)
         if epoch != self._epoch:
             self._epoch = epoch
             self.shard_order = _rng(self.seed, self.index, epoch).permutation(len(self.shards)) if self.shuffle \
                 else np.arange(len(self.shards))
             self.ends = np.cumsum([self.shards[s].samples for s in self.shard_order])
-        position = self.first + i
         slot = int(np.searchsorted(self.ends, position, side="right"))
         shard = int(self.shard_order[slot])
         offset = position - (int(self.ends[slot - 1]) if slot else 0)
@@ -96,8 +97,9 @@ class TokenBatches(IterableDataset):
     def __init__(self, manifests: list[Manifest], weights: list[float], split: str, batch_size: int, seed: int,
                  dp_rank: int, dp_size: int, start_batch: int = 0, max_batches: int | None = None):
         self.manifests, self.batch_size, self.start_batch, self.max_batches = manifests, batch_size, start_batch, max_batches
+        self.dp_rank, self.dp_size = dp_rank, dp_size
         shuffle = split == "train"
-        self.orders = [DatasetOrder(m, split, seed, i, dp_rank, dp_size, shuffle) for i, m in enumerate(manifests)]
+        self.orders = [DatasetOrder(m, split, seed, i, shuffle) for i, m in enumerate(manifests)]
         self.pattern, self.before = blend_pattern(weights)
         self.block_counts = self.before[-1]
         self._cache: dict[int, tuple[tuple[int, int], np.ndarray]] = {}
@@ -121,7 +123,8 @@ class TokenBatches(IterableDataset):
         return cached[1][offset]
 
     def batch(self, index: int) -> torch.Tensor:
-        first = index * self.batch_size
+        """This rank's index-th micro-batch: slot index x dp + rank of the global order."""
+        first = (index * self.dp_size + self.dp_rank) * self.batch_size
         rows = np.stack([self.sample(p) for p in range(first, first + self.batch_size)])
         return torch.from_numpy(rows.astype(np.int64))
 
@@ -172,8 +175,9 @@ class TrainLoader:
                  dp_size: int, num_workers: int):
         self.args = (manifests, weights, "train", batch_size, seed, dp_rank, dp_size)
         self.num_workers = num_workers
+        # the same on every rank: the checkpoint keeps one position (batches consumed) for all of them
         self.fingerprint = hashlib.sha256(repr(([str(m.directory) for m in manifests], weights, batch_size, seed,
-                                                dp_rank, dp_size)).encode()).hexdigest()
+                                                dp_size)).encode()).hexdigest()
         self.batches = 0
         self._iterator = None
 
@@ -205,12 +209,9 @@ class TrainLoader:
 
 
 def valid_batches(manifests: list[Manifest], batch_size: int, dp_rank: int, dp_size: int, max_batches: int):
-    """The first `max_batches` validation batches of this rank, in a fixed order (the same at every evaluation)."""
-    usable = [m for m in manifests if m.valid_samples >= dp_size]
-    if not usable:
-        raise DataError(f"no validation samples for {dp_size} data-parallel ranks in "
-                        f"{', '.join(str(m.directory) for m in manifests)}. Fix: preprocess with a larger --valid-fraction")
-    dataset = TokenBatches(usable, [1.0] * len(usable), "valid", batch_size, 0, dp_rank, dp_size, max_batches=max_batches)
-    per_rank = min(order.per_rank for order in dataset.orders) * len(usable)
-    dataset.max_batches = max(1, min(max_batches, per_rank // batch_size))
+    """This rank's first validation batches, in a fixed order (the same at every evaluation), without repeats
+    where the validation split is large enough."""
+    dataset = TokenBatches(manifests, [1.0] * len(manifests), "valid", batch_size, 0, dp_rank, dp_size)
+    available = sum(order.samples for order in dataset.orders) // (batch_size * dp_size)
+    dataset.max_batches = max(1, min(max_batches, available))
     return iter(dataset)

@@ -56,10 +56,18 @@ def test_worker_count_does_not_change_the_batches(manifest):
     assert rows(take(TrainLoader([manifest], [1.0], 4, 7, 0, 1, 3), 30)) == alone
 
 
+def test_a_global_batch_is_the_same_whatever_the_data_parallel_split(manifest):
+    alone = rows(take(TrainLoader([manifest], [1.0], 4, 5, 0, 1, 0), 20))          # 1 rank, 4 accumulation steps
+    ranks = [take(TrainLoader([manifest], [1.0], 4, 5, r, 4, 0), 5) for r in range(4)]
+    split = [row for k in range(5) for r in range(4) for row in rows([ranks[r][k]])]
+    assert split == alone
+
+
 def test_data_parallel_ranks_split_the_epoch(manifest):
     per_rank = manifest.samples // 2
-    seen = [set(rows(take(TrainLoader([manifest], [1.0], 1, 5, r, 2, 0), per_rank))) for r in range(2)]
-    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 2 * per_rank
+    seen = [rows(take(TrainLoader([manifest], [1.0], 1, 5, r, 2, 0), per_rank)) for r in range(2)]
+    assert not set(seen[0]) & set(seen[1])
+    assert len(set(seen[0]) | set(seen[1])) == 2 * per_rank
 
 
 def test_resume_in_a_new_process_continues_with_the_next_batches(manifest, tmp_path):

@@ -35,13 +35,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megamem.config import validate_world
     from megamem.errors import MegamemError
+    from megamem.training.entry import check_layout
 
     config = config_from_args(args)
     if args.nproc < 1:
         raise MegamemError(f"--nproc must be at least 1, got {args.nproc}")
-    validate_world(config, args.nproc)
+    check_layout(config, args.nproc)
     if args.nproc == 1:
         from megamem.training.entry import run_training, single_process_env
 

@@ -37,6 +37,18 @@ def single_process_env() -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def check_layout(config, world_size: int) -> int:
+    """Refuse, before any rank starts, a layout this trainer cannot run; return the data-parallel size."""
+    from megamem.config import validate_world
+    from megamem.errors import MegamemError
+
+    par = config.parallel
+    if par.tp > 1 or par.pp > 1:
+        raise MegamemError(f"parallel.tp={par.tp}, parallel.pp={par.pp}: this version of megamem trains with data "
+                           f"parallelism and ZeRO only. Fix: set parallel.tp=1 and parallel.pp=1 (megamem plan sizes larger layouts)")
+    return validate_world(config, world_size)
+
+
 def run_training(config, resume: str) -> None:
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -44,7 +56,7 @@ def run_training(config, resume: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from megamem.config import save_config, validate_world
+    from megamem.config import save_config
     from megamem.data_tools.loader import DataSpec, TrainLoader, open_datasets
     from megamem.data_tools.tokenizer import load_tokenizer
     from megamem.errors import MegamemError
@@ -66,10 +78,7 @@ def run_training(config, resume: str) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     par = config.parallel
-    if par.tp > 1 or par.pp > 1:
-        raise MegamemError(f"parallel.tp={par.tp}, parallel.pp={par.pp}: this version of megamem trains with data "
-                           f"parallelism and ZeRO only. Fix: set parallel.tp=1 and parallel.pp=1 (megamem plan sizes larger layouts)")
-    dp = validate_world(config, world)
+    dp = check_layout(config, world)
     state = ParallelState.for_world(par.tp, par.pp, world, rank)
     state.build_groups()
 

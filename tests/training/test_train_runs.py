@@ -1,0 +1,164 @@
+"""Real training runs on CPU: outputs, ZeRO equivalence, preemption and resume, export, refusals."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megamem.data_tools.preprocess import PreprocessArgs, preprocess
+from megamem.training.export import load_exported
+from tests.paths import CONFIGS, REPO
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Real text: two packages of the Python standard library, byte-tokenized at cpu-smoke's seq_len."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    out = tmp_path_factory.mktemp("data") / "stdlib"
+    preprocess(PreprocessArgs([str(stdlib / "json"), str(stdlib / "email")], str(out), seq_len=128, valid_fraction=0.1))
+    return out
+
+
+def train(shards, run_dir, *overrides, nproc=1, steps=10, background=False):
+    command = [sys.executable, "-m", "megamem.cli.main", "train", str(CONFIGS / "cpu-smoke.yaml"),
+               "--set", f"data.path={shards}", "--set", f"run.dir={run_dir}", "--set", f"train.steps={steps}",
+               "--set", "logging.interval=1", "--set", "data.num_workers=0", "--nproc", str(nproc)]
+    for override in overrides:
+        command += ["--set", override]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if background:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def losses(run_dir) -> dict[int, float]:
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+def test_outputs_metrics_and_tensorboard_tags(shards, tmp_path):
+    run = tmp_path / "run"
+    result = train(shards, run, "logging.interval=2", "logging.histogram_interval=4", "train.eval_interval=6", steps=12)
+    assert "tensorboard --logdir" in result.stdout and "step 12/12" in result.stdout
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "step-00000012" / "megamem.json").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_sec", "tflops_per_gpu", "samples_per_sec", "mfu",
+                "loss_scale", "data_ms", "forward_ms", "backward_ms", "optimizer_ms", "memory_gb", "buckets"):
+        assert key in records[-1], key
+    assert "valid_loss" in records[2] and "valid_perplexity" in records[-1]
+    assert set(records[-1]["buckets"]["blocks.1.ml2"]) == {"entropy", "unused_fraction", "mean_p"}
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"histograms": 0, "scalars": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "valid/loss", "valid/perplexity", "train/lr", "train/grad_norm", "train/loss_scale",
+                "perf/tokens_per_sec", "perf/samples_per_sec", "perf/tflops_per_gpu", "perf/mfu", "time/data_ms",
+                "time/forward_ms", "time/backward_ms", "time/optimizer_ms", "memory/rss_gb",
+                "buckets/blocks.0.qkv/entropy", "buckets/blocks.0.ml1/unused_fraction", "buckets/blocks.1.ml2/mean_p"):
+        assert tag in scalars, tag
+    histograms = set(events.Tags()["histograms"])
+    assert {"buckets/qkv/first_table", "buckets/ml2/last_table"} <= histograms
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
+
+
+def test_zero_stages_on_two_ranks_match_one_process(shards, tmp_path):
+    """Same global batch (16 = 8 x 2 accumulation on one rank, 8 x 2 ranks), fp32: the per-step losses may differ
+    only by the order of floating-point sums (gradient all-reduce vs local accumulation), about 1e-7 relative per
+    step, amplified over 10 Adam steps; 1e-4 relative is far below the step-to-step change of the loss (>1e-2)."""
+    batch = ["train.global_batch_size=16", "train.eval_interval=1000"]
+    train(shards, tmp_path / "one", *batch, "parallel.zero_stage=0")
+    reference = losses(tmp_path / "one")
+    assert len(reference) == 10 and reference[10] < reference[1] - 0.5
+    for stage in (1, 2, 3):
+        train(shards, tmp_path / f"zero{stage}", *batch, f"parallel.zero_stage={stage}", nproc=2)
+        got = losses(tmp_path / f"zero{stage}")
+        for step in range(1, 11):
+            assert got[step] == pytest.approx(reference[step], rel=1e-4), (stage, step)
+
+    # Export consolidates ZeRO-3 partitions into the same parameters. The hash makes weights-to-codes discontinuous:
+    # a rounding-level difference can send one token to another row, and Adam moves a row it touches by about the
+    # LR (3e-3) whatever the gradient's size. So weights may differ by up to about 1.5 Adam steps, while a wrong
+    # reassembly would misplace rows by the tables' own scale (std 0.02).
+    model, config = load_exported_from(tmp_path / "zero3")
+    one, _ = load_exported_from(tmp_path / "one")
+    assert config.parallel.zero_stage == 3
+    reference = dict(one.named_parameters())
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param, reference[name], rtol=0, atol=5e-3, msg=name)
+
+
+def load_exported_from(run_dir):
+    target = run_dir / "model.safetensors"
+    result = subprocess.run([sys.executable, "-m", "megamem.cli.main", "export", str(run_dir), "--output", str(target)],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return load_exported(target)
+
+
+def test_sigterm_saves_and_resume_continues_exactly(shards, tmp_path):
+    uninterrupted = tmp_path / "straight"
+    train(shards, uninterrupted, "train.eval_interval=1000", steps=14)
+
+    run = tmp_path / "preempted"
+    process = train(shards, run, "train.eval_interval=1000", "checkpoint.interval=1000", steps=14, background=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    assert "stopping at step" in output
+    saved = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and saved[0] < "step-00000014"
+    stopped_at = int(saved[0].split("-")[1])
+
+    result = train(shards, run, "train.eval_interval=1000", "checkpoint.interval=1000", steps=14)
+    assert f"at step {stopped_at}" in result.stdout
+    straight, resumed = losses(uninterrupted), losses(run)
+    assert sorted(resumed) == list(range(1, 15))
+    for step in range(stopped_at + 1, 15):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7), step
+
+
+@pytest.mark.parametrize("overrides, nproc, message", [
+    (["train.global_batch_size=8"], 2, r"train.global_batch_size=8 is not a multiple of train.micro_batch_size=8 x "
+                                       r"data-parallel size 2 = 16"),
+    (["train.global_batch_size=16"], 3, r"global_batch_size=16 is not a multiple of train.micro_batch_size=8 x "
+                                        r"data-parallel size 3 = 24"),
+    (["parallel.tp=2", "train.global_batch_size=16"], 2, r"trains with data parallelism and ZeRO only"),
+    (["parallel.pp=2", "parallel.zero_stage=2"], 1, r"DeepSpeed refuses ZeRO stage 2 or 3 with pipeline parallelism"),
+])
+def test_layouts_the_process_count_cannot_satisfy_are_refused(shards, tmp_path, overrides, nproc, message):
+    command = [sys.executable, "-m", "megamem.cli.main", "train", str(CONFIGS / "cpu-smoke.yaml"), "--nproc", str(nproc),
+               "--set", f"data.path={shards}", "--set", f"run.dir={tmp_path / 'run'}"]
+    for override in overrides:
+        command += ["--set", override]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and message.replace("\\", "") in result.stderr.replace("\\", "")
+
+
+def test_refusals_name_the_problem(shards, tmp_path):
+    run = tmp_path / "run"
+    train(shards, run, steps=2)
+    command = [sys.executable, "-m", "megamem.cli.main", "train", str(CONFIGS / "cpu-smoke.yaml"),
+               "--set", f"data.path={shards}", "--set", f"run.dir={run}"]
+    again = subprocess.run(command + ["--resume", "none"], cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 2 and "already holds checkpoints (newest: step-00000002)" in again.stderr
+    wrong = subprocess.run(command + ["--set", "model.seq_len=64"], cwd=REPO, capture_output=True, text=True)
+    assert wrong.returncode == 2 and "holds sequences of 128 tokens but model.seq_len is 64" in wrong.stderr
+    no_data = subprocess.run(command + ["--set", "data.path=null", "--set", f"run.dir={tmp_path / 'r2'}"],
+                             cwd=REPO, capture_output=True, text=True)
+    assert no_data.returncode == 2 and "no training data: set data.path" in no_data.stderr

@@ -109,6 +109,10 @@ class Trainer:
     def fit(self) -> None:
         cfg = self.config
         total = cfg.train.steps
+        if self.step == 0:                     # the baseline every later validation loss is read against
+            valid = self.evaluate()
+            self.logger.log(0, {"valid_loss": valid, "valid_perplexity": math.exp(min(valid, 50.0))})
+            self.logger.console(0, {"valid_loss": valid})
         while self.step < total:
             log_now = (self.step + 1) % cfg.logging.interval == 0 or self.step + 1 == total
             scalars = self.train_step(measure_grad_norm=log_now)

@@ -1,0 +1,135 @@
+"""The SLURM launcher, for real: a one-node cluster on 127.0.0.1 runs launchers/slurm/pretrain.sbatch.
+
+Installs Debian's slurmctld, slurmd, slurm-client and munge when missing (CI runs
+as root), starts munged, slurmctld and slurmd with state, spool, sockets and logs
+in a temporary directory (no systemd, no cgroups), submits 2 ranks of cpu-smoke,
+polls `scontrol show job` until the job ends, checks that it trained and wrote a
+checkpoint, and stops the daemons by their PIDs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+
+from megamem.data_tools.preprocess import PreprocessArgs, preprocess
+from tests.paths import REPO
+
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+
+
+def ensure_installed() -> None:
+    if all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged")):
+        return
+    if os.geteuid() != 0:
+        pytest.skip("SLURM is not installed and installing it needs root (apt-get install " + " ".join(PACKAGES) + ")")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES], check=True, env=env,
+                   capture_output=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A running one-node cluster; yields the environment that points its clients at it."""
+    ensure_installed()
+    root = tmp_path / "slurm"
+    (root / "state").mkdir(parents=True)
+    (root / "spool").mkdir()
+    key = Path("/etc/munge/munge.key")
+    if not key.exists():
+        key = root / "munge.key"
+        subprocess.run(["mungekey", "--create", "--keyfile", str(key)], check=True)
+        key.chmod(0o600)
+    host = socket.gethostname().split(".")[0]
+    memory_mb = int(int(Path("/proc/meminfo").read_text().split()[1]) / 1024 * 0.9)
+    conf = root / "slurm.conf"
+    conf.write_text("\n".join([
+        "ClusterName=megamemtest", f"SlurmctldHost={host}(127.0.0.1)",
+        f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
+        "AuthType=auth/munge", f"AuthInfo=socket={root / 'munge.socket'}", "CredType=cred/munge",
+        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
+        "AccountingStorageType=accounting_storage/none", "SchedulerType=sched/builtin", "SelectType=select/cons_tres",
+        "SelectTypeParameters=CR_CPU", "MpiDefault=none", "ReturnToService=2", "SlurmUser=root", "SlurmdUser=root",
+        f"StateSaveLocation={root / 'state'}", f"SlurmdSpoolDir={root / 'spool'}",
+        f"SlurmctldPidFile={root / 'slurmctld.pid'}", f"SlurmdPidFile={root / 'slurmd.pid'}",
+        f"SlurmctldLogFile={root / 'slurmctld.log'}", f"SlurmdLogFile={root / 'slurmd.log'}",
+        f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={memory_mb} State=UNKNOWN",
+        "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP", ""]))
+    env = dict(os.environ, SLURM_CONF=str(conf))
+    subprocess.run(["munged", "--force", f"--socket={root / 'munge.socket'}", f"--key-file={key}",
+                    f"--pid-file={root / 'munged.pid'}", f"--log-file={root / 'munged.log'}",
+                    f"--seed-file={root / 'munge.seed'}"], check=True)
+    daemons = [subprocess.Popen([daemon, "-D", *extra, "-f", str(conf)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+               for daemon, extra in (("slurmctld", ["-i"]), ("slurmd", []))]
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            state = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True).stdout.strip()
+            if state == "idle":
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"the test cluster did not come up: {(root / 'slurmctld.log').read_text()[-2000:]}")
+        yield env
+    finally:
+        for daemon in daemons:
+            os.killpg(daemon.pid, signal.SIGTERM)
+        for daemon in daemons:
+            try:
+                daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(daemon.pid, signal.SIGKILL)
+        munged_pid = root / "munged.pid"
+        if munged_pid.exists():
+            os.kill(int(munged_pid.read_text()), signal.SIGTERM)
+
+
+def wait_for(job: str, env: dict, timeout: float) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+        fields = dict(item.split("=", 1) for item in text.split() if "=" in item)
+        if fields.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return fields
+        time.sleep(1)
+    subprocess.run(["scancel", job], env=env)
+    pytest.fail(f"job {job} did not finish within {timeout} s")
+
+
+def test_sbatch_trains_two_ranks_and_checkpoints(cluster, tmp_path):
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    data = tmp_path / "data"
+    preprocess(PreprocessArgs([str(stdlib / "json"), str(stdlib / "email")], str(data), seq_len=128, valid_fraction=0.1))
+    run = tmp_path / "run"
+    settings = f"data.path={data} run.dir={run} train.steps=6 train.global_batch_size=16 logging.interval=2 data.num_workers=0"
+    env = dict(cluster, MEGAMEM_CONFIG="configs/cpu-smoke.yaml", MEGAMEM_SET=settings, GPUS_PER_NODE="2",
+               MEGAMEM_VENV=str(Path(sys.executable).parents[1]), OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+    output = tmp_path / "job.out"
+    submitted = subprocess.run(["sbatch", "--parsable", "--nodes=1", f"--chdir={REPO}", f"--output={output}",
+                                str(REPO / "launchers/slurm/pretrain.sbatch")], env=env, capture_output=True, text=True)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+    fields = wait_for(job, cluster, timeout=400)
+    log = output.read_text() if output.exists() else "(no job output)"
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", log[-4000:]
+    assert "2 ranks per node" in log and "on 2 rank(s) (dp=2" in log
+    assert (run / "checkpoints" / "step-00000006" / "megamem.json").is_file()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 2, 4, 6]

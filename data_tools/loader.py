@@ -208,10 +208,10 @@ class TrainLoader:
         self._iterator = None
 
 
-def valid_batches(manifests: list[Manifest], batch_size: int, dp_rank: int, dp_size: int, max_batches: int):
-    """This rank's first validation batches, in a fixed order (the same at every evaluation), without repeats
-    where the validation split is large enough."""
+def valid_batches(manifests: list[Manifest], batch_size: int, dp_rank: int, dp_size: int, total_batches: int):
+    """This rank's share of the first `total_batches` validation micro-batches (fewer if the split is smaller),
+    in a fixed order: every evaluation, whatever the number of ranks, covers the same samples."""
     dataset = TokenBatches(manifests, [1.0] * len(manifests), "valid", batch_size, 0, dp_rank, dp_size)
-    available = sum(order.samples for order in dataset.orders) // (batch_size * dp_size)
-    dataset.max_batches = max(1, min(max_batches, available))
+    slots = min(total_batches, max(1, sum(order.samples for order in dataset.orders) // batch_size))
+    dataset.max_batches = max(0, -(-(slots - dp_rank) // dp_size))      # this rank's slots k dp + rank < slots
     return iter(dataset)

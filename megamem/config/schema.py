@@ -110,7 +110,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     activation_checkpointing: bool = False
     eval_interval: int = 100
-    eval_steps: int = 10
+    eval_steps: int = 10          # validation micro-batches in all, shared out over data-parallel ranks
 
 
 @dataclass

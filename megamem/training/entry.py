@@ -43,6 +43,9 @@ def check_layout(config, world_size: int) -> int:
     from megamem.errors import MegamemError
 
     par = config.parallel
+    if config.train.precision == "fp16" and not torch.cuda.is_available():
+        raise MegamemError("train.precision=fp16: DeepSpeed has no fp16 on CPU. Fix: use train.precision=bf16 or fp32 "
+                           "on CPU (fp16 with dynamic loss scaling runs on GPUs)")
     if par.tp > 1 or par.pp > 1:
         raise MegamemError(f"parallel.tp={par.tp}, parallel.pp={par.pp}: this version of megamem trains with data "
                            f"parallelism and ZeRO only. Fix: set parallel.tp=1 and parallel.pp=1 (megamem plan sizes larger layouts)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_console_script_is_installed():
-    result = subprocess.run(["megamem", "--help"], capture_output=True, text=True)
+    script = Path(sys.executable).with_name("megamem")          # installed beside the interpreter running the tests
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "megamem flops configs/memoryformer-tiny.yaml" in result.stdout
 
 

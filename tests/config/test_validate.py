@@ -23,7 +23,7 @@ SMOKE = CONFIGS / "cpu-smoke.yaml"
     (["model.weighting=l1", "model.temperature=0.5"], r"l1 weighting fixes the temperature at 1"),
     (["model.rotary_fraction=0.3"], r"rotary dims per head = int\(32 x fraction\) = 9 must be even"),
     (["model.kernel=magic"], r"unknown Memory Layer kernel \(available: reference\)"),
-    (["train.global_batch_size=12"], r"global batch must be a multiple of the micro batch"),
+    (["train.global_batch_size=10"], r"global batch must be a multiple of the micro batch"),
     (["schedule.min_lr=1.0"], r"min_lr must lie in \[0, lr\]"),
     (["data.path=a", "data.sources=[{path: b, weight: 1}]"], r"give either one dataset \(data\.path\) or a blend"),
     (["model.num_layers=0"], r"model\.num_layers=0: must be positive"),
@@ -47,7 +47,7 @@ def test_world_size_arithmetic():
     assert validate_world(config, 4) == 2
     with pytest.raises(ConfigError, match=r"3 processes cannot host parallel\.tp=2 x parallel\.pp=1 = 2 ranks per replica"):
         validate_world(config, 3)
-    with pytest.raises(ConfigError, match=r"global_batch_size=32 is not a multiple of train\.micro_batch_size=8 x data-parallel size 3 = 24"):
+    with pytest.raises(ConfigError, match=r"global_batch_size=32 is not a multiple of train\.micro_batch_size=4 x data-parallel size 3 = 12"):
         validate_world(config, 6)
 
 

@@ -53,7 +53,7 @@ def test_order_is_fixed_by_the_seed(manifest):
 
 def test_worker_count_does_not_change_the_batches(manifest):
     alone = rows(take(TrainLoader([manifest], [1.0], 4, 7, 0, 1, 0), 30))
-    assert rows(take(TrainLoader([manifest], [1.0], 4, 7, 0, 1, 3), 30)) == alone
+    assert rows(take(TrainLoader([manifest], [1.0], 4, 7, 0, 1, 2), 30)) == alone
 
 
 def test_a_global_batch_is_the_same_whatever_the_data_parallel_split(manifest):
@@ -113,9 +113,11 @@ def test_blend_pattern_rounds_by_largest_remainder():
     assert before[-1].tolist() == [4, 3, 3] and sorted(pattern.tolist()) == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
-def test_validation_batches_are_the_same_each_time(manifest):
+def test_validation_batches_are_the_same_each_time_and_for_any_split(manifest):
     first = rows(valid_batches([manifest], 4, 0, 1, 3))
     assert len(first) == 12 and first == rows(valid_batches([manifest], 4, 0, 1, 3))
+    shared = [rows(valid_batches([manifest], 4, r, 2, 3)) for r in range(2)]
+    assert len(shared[0]) == 8 and len(shared[1]) == 4 and sorted(shared[0] + shared[1]) == sorted(first)
     train = set(rows(take(TrainLoader([manifest], [1.0], 4, 0, 0, 1, 0), 50)))
     assert not set(first) & train
 

@@ -44,19 +44,6 @@ _Loader.add_implicit_resolver(
 )
 
 
-class Sources(dict):
-    """Maps a dotted key to the file or flag that last set it."""
-
-    def of(self, key: str) -> str:
-        """The source of `key`, or of its nearest recorded ancestor (list items inherit their list's)."""
-        key = re.sub(r"\[\d+\]", "", key)
-        while key:
-            if key in self:
-                return self[key]
-            key = key.rpartition(".")[0]
-        return DEFAULT_SOURCE
-
-
 def load_config(paths: Iterable[str | Path], overrides: Iterable[str] = ()) -> Config:
     """Load, merge, override, type-check and validate. Raises ConfigError."""
     raw: dict[str, Any] = {}

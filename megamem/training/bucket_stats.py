@@ -41,10 +41,10 @@ class BucketStats:
             return
         label = self.labels[id(layer)]
         rows = 2**layer.tau
-        offsets = torch.arange(layer.num_chunks, device=codes.device, dtype=codes.dtype) * rows
+        offsets = torch.arange(layer.num_chunks, device=codes.device, dtype=torch.int64) * rows
         with torch.no_grad():
-            flat = (codes.reshape(-1, layer.num_chunks) + offsets).reshape(-1)
-            self.counts[label] += torch.bincount(flat.long(), minlength=self.counts[label].numel())
+            flat = (codes.reshape(-1, layer.num_chunks).long() + offsets).reshape(-1)     # kernels' codes may be int16
+            self.counts[label] += torch.bincount(flat, minlength=self.counts[label].numel())
             self.p_sum[label] += p.detach().double().sum()
         self.p_count[label] += p.numel()
 

@@ -1,0 +1,130 @@
+"""Memory Layer speed: every kernel against nn.Linear of the same shape.
+
+For the MF-tiny / small / base layer shapes (QKV: d -> d; ML1: d -> (tau+2)K;
+ML2: (tau+2)K -> d with tau+2 bits) at --tokens tokens: forward and
+forward+backward milliseconds (best of --repeats), the bytes a forward moves
+(input, output, one read of every retrieved row, codes and p; for the Linear:
+input, weight, output), effective GB/s, and that as a fraction of the device's
+copy bandwidth measured here. Prints JSON rows {impl, layer, tokens, fwd_ms,
+fwdbwd_ms, gbps, ...} and a table.
+
+    python benchmarks/memory_layer.py --device cpu --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from megamem.config import load_config
+from megamem.kernels import get_kernel
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = {"tiny": "memoryformer-tiny", "small": "memoryformer-small", "base": "memoryformer-base"}
+
+
+def layer_shapes(name: str) -> list[tuple[str, int, int, int]]:
+    """(layer, d_in, d_out, bits) of one MemoryFormer block."""
+    m = load_config([REPO / "configs" / f"{MODELS[name]}.yaml"]).model
+    wide = (m.tau + m.expanding_bits) * (m.hidden_size // m.tau)
+    return [(f"{name}/qkv", m.hidden_size, m.hidden_size, m.tau), (f"{name}/ml1", m.hidden_size, wide, m.tau),
+            (f"{name}/ml2", wide, m.hidden_size, m.tau + m.expanding_bits)]
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """GB/s of a large tensor copy (read + write): the roofline the layers are held against."""
+    source = torch.ones(64 * 2**20, dtype=torch.float32, device=device)
+    target = torch.zeros_like(source)                   # preallocated: page faults would be measured otherwise
+    seconds = timed(lambda: target.copy_(source), device, 5) / 1e3
+    return 2 * source.numel() * 4 / seconds / 1e9
+
+
+def measure(impl: str, d_in: int, d_out: int, bits: int, tokens: int, device: torch.device, dtype, repeats: int) -> dict:
+    x = torch.randn(tokens, d_in, device=device, dtype=dtype)
+    size = torch.tensor([], dtype=dtype).element_size()
+    if impl == "linear":
+        layer = torch.nn.Linear(d_in, d_out, bias=False, device=device, dtype=dtype)
+        forward = lambda inp: layer(inp)
+        moved = (tokens * d_in + d_in * d_out + tokens * d_out) * size
+    else:
+        kernel = get_kernel(impl)
+        chunks = d_in // bits
+        tables = (torch.randn(chunks, 2**bits, d_out, device=device, dtype=dtype) * 0.02).requires_grad_()
+        forward = lambda inp: kernel.hash_gather_sum(inp, tables, None, bits, 1.0, "paper")
+        moved = (tokens * d_in + tokens * d_out + tokens * chunks * d_out) * size + tokens * chunks * 6
+    with torch.no_grad():
+        fwd = timed(lambda: forward(x), device, repeats)
+    xg = x.clone().requires_grad_()
+
+    def step():
+        y = forward(xg)
+        y.backward(torch.ones_like(y))
+
+    return {"fwd_ms": round(fwd, 3), "fwdbwd_ms": round(timed(step, device, repeats), 3),
+            "bytes": moved, "gbps": round(moved / (fwd / 1e3) / 1e9, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--models", default="tiny,small,base", help="comma-separated: tiny, small, base")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    impls = ["reference", "cpu", "linear"] if device.type == "cpu" else ["reference", "linear"]
+    bandwidth = copy_bandwidth(device)
+    rows = []
+    for model in args.models.split(","):
+        for layer, d_in, d_out, bits in layer_shapes(model.strip()):
+            for impl in impls:
+                row = {"impl": impl, "layer": layer, "tokens": args.tokens, "d_in": d_in, "d_out": d_out,
+                       **measure(impl, d_in, d_out, bits, args.tokens, device, dtype, args.repeats)}
+                row["bandwidth_fraction"] = round(row["gbps"] / bandwidth, 3)
+                rows.append(row)
+    summary = {}
+    for layer in dict.fromkeys(r["layer"] for r in rows):
+        by = {r["impl"]: r for r in rows if r["layer"] == layer}
+        if "cpu" in by:
+            summary[layer] = {"cpu_fwd_speedup_vs_linear": round(by["linear"]["fwd_ms"] / by["cpu"]["fwd_ms"], 2),
+                              "cpu_fwdbwd_speedup_vs_linear": round(by["linear"]["fwdbwd_ms"] / by["cpu"]["fwdbwd_ms"], 2),
+                              "cpu_fwd_speedup_vs_reference": round(by["reference"]["fwd_ms"] / by["cpu"]["fwd_ms"], 2)}
+    result = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
+              "copy_bandwidth_gbps": round(bandwidth, 1), "rows": rows, "summary": summary,
+              "targets": {"cpu_fwd_speedup_vs_linear": 2.0, "cpu_fwdbwd_speedup_vs_linear": 1.0}}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{args.device}, {args.dtype}, {torch.get_num_threads()} threads, {args.tokens} tokens, "
+          f"copy bandwidth {bandwidth:.1f} GB/s")
+    print(f"{'layer':<12}{'impl':<11}{'d_in':>6}{'d_out':>7}{'fwd ms':>10}{'fwd+bwd ms':>12}{'GB/s':>8}{'of copy':>9}")
+    for r in rows:
+        print(f"{r['layer']:<12}{r['impl']:<11}{r['d_in']:>6}{r['d_out']:>7}{r['fwd_ms']:>10.2f}{r['fwdbwd_ms']:>12.2f}"
+              f"{r['gbps']:>8.1f}{r['bandwidth_fraction']:>9.1%}")
+    for layer, s in summary.items():
+        print(f"{layer}: cpu vs linear forward x{s['cpu_fwd_speedup_vs_linear']} (target x2), forward+backward "
+              f"x{s['cpu_fwdbwd_speedup_vs_linear']} (target x1); cpu vs reference forward x{s['cpu_fwd_speedup_vs_reference']}")
+
+
+if __name__ == "__main__":
+    main()

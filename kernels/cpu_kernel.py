@@ -1,0 +1,97 @@
+"""The fused CPU Memory Layer (kernels/cpu/memory_layer.cpp) behind the kernel interface.
+
+CPUs and RAM sit idle beside GPUs, and a lookup does tau times fewer operations
+than a matmul: written as separate torch ops it is still slower than nn.Linear,
+fused and cache-tiled it is not. The C++ source is compiled on first use with
+torch's extension builder (gcc, ninja) for this machine's instruction set and
+cached; the cache name carries a hash of the CPU's feature flags, so a shared
+home directory never hands one machine another's binary.
+
+Hash and gather-sum are separate autograd Functions, as in the reference, so
+layers that share codes (Q, K, V) add their gradients of p before the input's.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu") / "memory_layer.cpp"
+
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    from torch.utils.cpp_extension import load
+
+    bin_dir = str(Path(sys.executable).parent)             # ninja installed into this environment
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "") \
+        if Path("/proc/cpuinfo").exists() else ""
+    name = "megamem_cpu_memory_layer_" + hashlib.sha256(flags.encode()).hexdigest()[:10]
+    return load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],
+                extra_ldflags=["-fopenmp"], verbose=False)
+
+
+class _Hash(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, tau: int, temperature: float, weighting: str):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        codes, p = extension().hash(x2, tau, temperature, weighting == "l1")
+        ctx.save_for_backward(x2, p)
+        ctx.settings = (tau, temperature, weighting == "l1", x.shape)
+        ctx.mark_non_differentiable(codes)
+        lead = x.shape[:-1]
+        return codes.reshape(*lead, -1), p.reshape(*lead, -1)
+
+    @staticmethod
+    def backward(ctx, _dcodes, dp):
+        x2, p = ctx.saved_tensors
+        tau, temperature, l1, shape = ctx.settings
+        dx = extension().hash_backward(x2, p, dp.reshape(p.shape).float().contiguous(), tau, temperature, l1)
+        return dx.reshape(shape), None, None, None
+
+
+class _GatherSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, codes, p, tables, bias):
+        chunks, _, width = tables.shape
+        codes2 = codes.reshape(-1, chunks).contiguous()
+        p2 = p.reshape(-1, chunks).float().contiguous()
+        tables = tables.contiguous()
+        y = extension().gather_sum(codes2, p2, tables, bias.contiguous() if bias is not None else None)
+        ctx.save_for_backward(codes2, p2, tables)
+        ctx.shapes = (p.shape, p.dtype, bias is not None)
+        return y.reshape(*codes.shape[:-1], width)
+
+    @staticmethod
+    def backward(ctx, dy):
+        codes2, p2, tables = ctx.saved_tensors
+        p_shape, p_dtype, has_bias = ctx.shapes
+        dy2 = dy.reshape(-1, tables.shape[-1]).to(tables.dtype).contiguous()
+        dtables, dp = extension().gather_sum_backward(dy2, codes2, p2, tables)
+        dbias = dy2.float().sum(0).to(tables.dtype) if has_bias else None
+        return None, dp.reshape(p_shape).to(p_dtype), dtables.to(tables.dtype), dbias
+
+
+class CpuKernel:
+    """Fused hashing, weights and gather-sum for tensors on the CPU; int16 codes."""
+
+    name = "cpu"
+
+    @staticmethod
+    def hash(x, tau, temperature, weighting):
+        return _Hash.apply(x, tau, temperature, weighting)
+
+    @staticmethod
+    def gather_sum(codes, p, tables, bias):
+        return _GatherSum.apply(codes, p, tables, bias)
+
+    @staticmethod
+    def hash_gather_sum(x, tables, bias, tau, temperature, weighting):
+        codes, p = _Hash.apply(x, tau, temperature, weighting)
+        return _GatherSum.apply(codes, p, tables, bias)

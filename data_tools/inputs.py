@@ -8,7 +8,6 @@ dropped, and either skipped or fatal per `on_error`.
 """
 from __future__ import annotations
 
-import dataclasses
 import glob
 import gzip
 import io
@@ -38,13 +37,6 @@ class Counts:
     missing_key_lines: int = 0
     input_bytes: int = 0
     bytes_read: int = 0          # of the input files (compressed bytes for .gz/.zst), for progress
-
-    def add(self, other: "Counts") -> None:
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
-    def minus(self, other: "Counts") -> "Counts":
-        return Counts(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in dataclasses.fields(self)})
 
 
 @dataclass

@@ -124,10 +124,6 @@ class Manifest:
     def samples(self) -> int:
         return sum(s.samples for s in self.shards)
 
-    @property
-    def valid_samples(self) -> int:
-        return sum(s.samples for s in self.valid_shards)
-
 
 def write_manifest(directory: Path, content: dict) -> None:
     atomic_write(directory / MANIFEST, (json.dumps(content, indent=2) + "\n").encode())

@@ -9,10 +9,25 @@ kernel: their integer type is the kernel's own.
 
   reference  torch ops (embedding_bag), any device; defines correctness
   cpu        fused C++ for CPU tensors, compiled on first use (cpu_kernel.py)
-  auto       per call: cpu for CPU tensors, reference elsewhere
+  triton     fused Triton kernels for CUDA tensors (triton_kernel.py; imported on first use, so that
+             TRITON_INTERPRET=1 can be set before its kernels are defined)
+  auto       per call: cpu for CPU tensors, triton for CUDA tensors (reference where Triton is missing)
 """
+import functools
+import importlib.util
+
 from megamem.kernels.cpu_kernel import CpuKernel
 from megamem.kernels.reference import ReferenceKernel
+
+
+@functools.lru_cache(maxsize=None)
+def _triton():
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("model.kernel=triton needs the triton package (installed with CUDA builds of torch, "
+                         "or `pip install triton`)")
+    from megamem.kernels.triton_kernel import TritonKernel
+
+    return TritonKernel
 
 
 class AutoKernel:
@@ -22,7 +37,11 @@ class AutoKernel:
 
     @staticmethod
     def _for(tensor):
-        return CpuKernel if tensor.device.type == "cpu" else ReferenceKernel
+        if tensor.device.type == "cpu":
+            return CpuKernel
+        if tensor.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+            return _triton()
+        return ReferenceKernel
 
     @staticmethod
     def hash(x, tau, temperature, weighting):
@@ -41,10 +60,12 @@ _KERNELS = {kernel.name: kernel for kernel in (ReferenceKernel, CpuKernel, AutoK
 
 
 def available_kernels() -> list[str]:
-    return sorted(_KERNELS)
+    return sorted([*_KERNELS, "triton"])
 
 
 def get_kernel(name: str):
+    if name == "triton":
+        return _triton()
     try:
         return _KERNELS[name]
     except KeyError:

@@ -1,10 +1,18 @@
 """Shared fixtures: small configs that build in milliseconds on CPU."""
 from __future__ import annotations
 
-import pytest
+import os
 
-from megamem.config import load_config
-from tests.paths import CONFIGS
+import torch
+
+# Triton kernels run in its interpreter on machines without a GPU; the variable must be set before they are defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from megamem.config import load_config  # noqa: E402
+from tests.paths import CONFIGS  # noqa: E402
 
 
 @pytest.fixture

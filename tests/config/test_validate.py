@@ -22,7 +22,7 @@ SMOKE = CONFIGS / "cpu-smoke.yaml"
     (["parallel.zero_stage=4"], r"ZeRO stages are 0, 1, 2 and 3"),
     (["model.weighting=l1", "model.temperature=0.5"], r"l1 weighting fixes the temperature at 1"),
     (["model.rotary_fraction=0.3"], r"rotary dims per head = int\(32 x fraction\) = 9 must be even"),
-    (["model.kernel=magic"], r"unknown Memory Layer kernel \(available: auto, cpu, reference\)"),
+    (["model.kernel=magic"], r"unknown Memory Layer kernel \(available: auto, cpu, reference, triton\)"),
     (["train.global_batch_size=10"], r"global batch must be a multiple of the micro batch"),
     (["schedule.min_lr=1.0"], r"min_lr must lie in \[0, lr\]"),
     (["data.path=a", "data.sources=[{path: b, weight: 1}]"], r"give either one dataset \(data\.path\) or a blend"),

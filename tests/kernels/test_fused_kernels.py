@@ -1,13 +1,17 @@
-"""The fused CPU kernel against the reference: outputs and every gradient, fp32 and bf16."""
+"""The fused kernels (C++ on CPU, Triton in its interpreter here) against the reference:
+outputs and every gradient, fp32 and bf16, the worst case for the table-gradient
+reduction, determinism, and a whole model. Token counts are kept to a few hundred
+so the interpreter runs few programs (128 tokens each)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from megamem.kernels import get_kernel
-from megamem.kernels.cpu_kernel import CpuKernel
 from megamem.kernels.reference import ReferenceKernel
 from megamem.model import build_model, lm_loss
+
+FUSED = ["cpu", "triton"]
 
 
 def run(kernel, x, tables, bias, tau, temperature, weighting, dy):
@@ -29,51 +33,67 @@ def inputs(tokens, tau, chunks, d_out, dtype, seed=0, one_bucket=False):
     return x.to(dtype), tables.to(dtype), bias.to(dtype), dy
 
 
+@pytest.mark.parametrize("kernel", FUSED)
 @pytest.mark.parametrize("tau, chunks, d_out", [(4, 5, 33), (8, 6, 37), (10, 3, 64)])
 @pytest.mark.parametrize("weighting", ["paper", "l1"])
-def test_fp32_matches_the_reference(tau, chunks, d_out, weighting):
+def test_fp32_matches_the_reference(kernel, tau, chunks, d_out, weighting):
     """fp32 both ways; only summation order differs (float sums of K terms): 1e-5 relative to the values' scale."""
-    x, tables, bias, dy = inputs(500, tau, chunks, d_out, torch.float32)
+    x, tables, bias, dy = inputs(300, tau, chunks, d_out, torch.float32)
     temperature = 0.8 if weighting == "paper" else 1.0
-    ours = run(CpuKernel, x, tables, bias, tau, temperature, weighting, dy)
+    ours = run(get_kernel(kernel), x, tables, bias, tau, temperature, weighting, dy)
     ref = run(ReferenceKernel, x, tables, bias, tau, temperature, weighting, dy)
     for name, a, b in zip(("y", "dx", "dtables", "dbias"), ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=name)
 
 
-def test_bf16_matches_an_fp32_reference_to_bf16_precision():
+@pytest.mark.parametrize("kernel", FUSED)
+def test_bf16_matches_an_fp32_reference_to_bf16_precision(kernel):
     """bf16 inputs, fp32 accumulation inside: the error is that of rounding results to bf16 (2^-8 relative)."""
-    x, tables, bias, dy = inputs(400, 8, 4, 40, torch.bfloat16)
-    ours = run(CpuKernel, x, tables, bias, 8, 1.0, "paper", dy)
+    x, tables, bias, dy = inputs(256, 8, 4, 40, torch.bfloat16)
+    ours = run(get_kernel(kernel), x, tables, bias, 8, 1.0, "paper", dy)
     exact = run(ReferenceKernel, x.float(), tables.float(), bias.float(), 8, 1.0, "paper", dy)
     for name, a, b in zip(("y", "dx", "dtables", "dbias"), ours, exact):
         torch.testing.assert_close(a, b, rtol=2**-7, atol=2**-7 * b.abs().max().item(), msg=name)
 
 
-def test_every_token_in_one_bucket():
-    """The worst case for the table-gradient reduction: 2,000 contributions to one row per table."""
-    x, tables, bias, dy = inputs(2000, 8, 4, 24, torch.float32, one_bucket=True)
-    ours = run(CpuKernel, x, tables, None, 8, 1.0, "paper", dy)
+@pytest.mark.parametrize("kernel", FUSED)
+def test_every_token_in_one_bucket(kernel):
+    """The worst case for the table-gradient reduction: 1,000 contributions to one row per table."""
+    x, tables, bias, dy = inputs(1000, 8, 4, 24, torch.float32, one_bucket=True)
+    ours = run(get_kernel(kernel), x, tables, None, 8, 1.0, "paper", dy)
     ref = run(ReferenceKernel, x, tables, None, 8, 1.0, "paper", dy)
     assert (ours[2][:, :-1] == 0).all() and ours[2][:, -1].abs().sum() > 0
     for a, b in zip(ours[:3], ref[:3]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
-def test_table_gradients_are_bit_identical_run_to_run():
-    x, tables, bias, dy = inputs(3000, 8, 8, 48, torch.float32, seed=3)
-    first, second = (run(CpuKernel, x, tables, bias, 8, 1.0, "paper", dy)[2] for _ in range(2))
+@pytest.mark.parametrize("kernel", FUSED)
+def test_table_gradients_are_bit_identical_run_to_run(kernel):
+    x, tables, bias, dy = inputs(512, 8, 4, 48, torch.float32, seed=3)
+    first, second = (run(get_kernel(kernel), x, tables, bias, 8, 1.0, "paper", dy)[2] for _ in range(2))
     assert torch.equal(first, second)
 
 
-def test_a_model_on_the_cpu_kernel_matches_the_reference_model(tiny_config):
-    """Q, K and V share one hashing: the gradient of p from three lookups must add up the same way."""
+def test_triton_atomic_table_gradients_agree_with_the_segment_reduction(monkeypatch):
+    triton_kernel = get_kernel("triton")
+    x, tables, bias, dy = inputs(256, 8, 3, 40, torch.float32, seed=4)
+    segments = run(triton_kernel, x, tables, bias, 8, 1.0, "paper", dy)
+    monkeypatch.setattr(triton_kernel, "atomic_table_gradients", True)
+    atomic = run(triton_kernel, x, tables, bias, 8, 1.0, "paper", dy)
+    torch.testing.assert_close(atomic[2], segments[2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "triton"])
+def test_a_model_on_a_fused_kernel_matches_the_reference_model(tiny_config, kernel):
+    """Q, K and V share one hashing: the gradient of p from three lookups must add up the same way.
+    Without expanding bits ML2 has 2^8, not 2^10, rows per table: a quarter of the interpreter's work."""
+    tiny_config.model.expanding_bits = 0
     torch.manual_seed(0)
     reference = build_model(tiny_config)
-    tiny_config.model.kernel = "auto"
+    tiny_config.model.kernel = kernel
     fused = build_model(tiny_config)
     fused.load_state_dict(reference.state_dict())
-    assert fused.blocks[0].q.kernel is get_kernel("auto")
+    assert fused.blocks[0].q.kernel is get_kernel(kernel)
     tokens = torch.randint(0, 97, (2, 33))
     losses = [lm_loss(m(tokens[:, :-1]), tokens[:, 1:]) for m in (reference, fused)]
     for loss in losses:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from megamem.kernels.autograd_kernel import AutogradKernel
+
 SOURCE = Path(__file__).with_name("cpu") / "memory_layer.cpp"
 
 
@@ -78,20 +80,4 @@ class _GatherSum(torch.autograd.Function):
         return None, dp.reshape(p_shape).to(p_dtype), dtables.to(tables.dtype), dbias
 
 
-class CpuKernel:
-    """Fused hashing, weights and gather-sum for tensors on the CPU; int16 codes."""
-
-    name = "cpu"
-
-    @staticmethod
-    def hash(x, tau, temperature, weighting):
-        return _Hash.apply(x, tau, temperature, weighting)
-
-    @staticmethod
-    def gather_sum(codes, p, tables, bias):
-        return _GatherSum.apply(codes, p, tables, bias)
-
-    @staticmethod
-    def hash_gather_sum(x, tables, bias, tau, temperature, weighting):
-        codes, p = _Hash.apply(x, tau, temperature, weighting)
-        return _GatherSum.apply(codes, p, tables, bias)
+CpuKernel = AutogradKernel("cpu", _Hash, _GatherSum)

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from megamem.kernels.autograd_kernel import AutogradKernel
+
 
 def _interpreting() -> bool:
     import os
@@ -39,6 +41,18 @@ def _hash_chunk(x_ptr, rows, row_mask, k, d_in, scale, TAU: tl.constexpr, TAU_P2
     if L1:
         p = p * tl.sum(tl.abs(z), axis=1)
     return code, p
+
+
+@triton.jit
+def _hash_kernel(x_ptr, codes_ptr, p_ptr, n_tokens, scale, K: tl.constexpr, TAU: tl.constexpr, TAU_P2: tl.constexpr,
+                 L1: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Codes and p of one chunk for a block of tokens, for layers that share them."""
+    pid_n, k = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_tokens
+    code, p = _hash_chunk(x_ptr, rows, row_mask, k, K * TAU, scale, TAU, TAU_P2, L1)
+    tl.store(codes_ptr + rows * K + k, code.to(codes_ptr.dtype.element_ty), mask=row_mask)
+    tl.store(p_ptr + rows * K + k, p, mask=row_mask)
 
 
 @triton.jit
@@ -145,6 +159,7 @@ def _table_grad_atomic_kernel(dy_ptr, codes_ptr, p_ptr, dtables_ptr, n_tokens, d
         tl.atomic_add(dtables_ptr + (k * R + code)[:, None] * d_out + cols[None, :], p[:, None] * g, mask=mask)
 
 
+ATOMIC_TABLE_GRADIENTS = False    # True: float atomics for table gradients (faster, not bit-reproducible)
 INTERPRETER_BLOCK_N = 128      # the interpreter pays per program: many tokens per program keeps tests fast
 
 
@@ -229,10 +244,10 @@ class _Hash(torch.autograd.Function):
 
 
 def _hash_only(x2, codes, p, tau, temperature, l1):
-    """Codes and p without a gather: the forward kernel over a zero-width output would waste a launch per column."""
-    chunks = codes.shape[1]
-    dummy = torch.empty(chunks, 1, 1, device=x2.device, dtype=x2.dtype)
-    forward(x2, codes, p, dummy.expand(chunks, 2**tau, 1).contiguous(), None, tau, temperature, l1, hash_input=True)
+    n_tokens, chunks = codes.shape
+    block = _blocks(1)["BLOCK_N"]
+    _hash_kernel[(triton.cdiv(n_tokens, block), chunks)](x2, codes, p, n_tokens, 2.0 / temperature, K=chunks, TAU=tau,
+                                                         TAU_P2=triton.next_power_of_2(tau), L1=l1, BLOCK_N=block)
 
 
 class _GatherSum(torch.autograd.Function):
@@ -253,7 +268,7 @@ class _GatherSum(torch.autograd.Function):
         p_shape, p_dtype, has_bias = ctx.shapes
         dy2 = dy.reshape(-1, tables.shape[-1]).contiguous()
         _, dp, dtables = backward(dy2, None, codes2, p2, tables, 1, 1.0, False, need_dx=False,
-                                  atomic=TritonKernel.atomic_table_gradients)
+                                  atomic=ATOMIC_TABLE_GRADIENTS)
         dbias = dy2.float().sum(0).to(tables.dtype) if has_bias else None
         return None, dp.reshape(p_shape).to(p_dtype), dtables.to(tables.dtype), dbias
 
@@ -279,25 +294,9 @@ class _HashGatherSum(torch.autograd.Function):
         tau, temperature, l1, shape, has_bias = ctx.settings
         dy2 = dy.reshape(-1, tables.shape[-1]).contiguous()
         dx, _, dtables = backward(dy2, x2, codes, p, tables, tau, temperature, l1, need_dx=True,
-                                  atomic=TritonKernel.atomic_table_gradients)
+                                  atomic=ATOMIC_TABLE_GRADIENTS)
         dbias = dy2.float().sum(0).to(tables.dtype) if has_bias else None
         return dx.reshape(shape), dtables.to(tables.dtype), dbias, None, None, None
 
 
-class TritonKernel:
-    """Fused Triton kernels; `atomic_table_gradients = True` switches to float atomics (faster, not deterministic)."""
-
-    name = "triton"
-    atomic_table_gradients = False
-
-    @staticmethod
-    def hash(x, tau, temperature, weighting):
-        return _Hash.apply(x, tau, temperature, weighting)
-
-    @staticmethod
-    def gather_sum(codes, p, tables, bias):
-        return _GatherSum.apply(codes, p, tables, bias)
-
-    @staticmethod
-    def hash_gather_sum(x, tables, bias, tau, temperature, weighting):
-        return _HashGatherSum.apply(x, tables, bias, tau, temperature, weighting)
+TritonKernel = AutogradKernel("triton", _Hash, _GatherSum, _HashGatherSum)

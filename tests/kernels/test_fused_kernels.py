@@ -75,10 +75,12 @@ def test_table_gradients_are_bit_identical_run_to_run(kernel):
 
 
 def test_triton_atomic_table_gradients_agree_with_the_segment_reduction(monkeypatch):
+    from megamem.kernels import triton_kernel as module
+
     triton_kernel = get_kernel("triton")
     x, tables, bias, dy = inputs(256, 8, 3, 40, torch.float32, seed=4)
     segments = run(triton_kernel, x, tables, bias, 8, 1.0, "paper", dy)
-    monkeypatch.setattr(triton_kernel, "atomic_table_gradients", True)
+    monkeypatch.setattr(module, "ATOMIC_TABLE_GRADIENTS", True)
     atomic = run(triton_kernel, x, tables, bias, 8, 1.0, "paper", dy)
     torch.testing.assert_close(atomic[2], segments[2], rtol=1e-5, atol=1e-6)
 

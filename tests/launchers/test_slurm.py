@@ -113,16 +113,19 @@ def wait_for(job: str, env: dict, timeout: float) -> dict[str, str]:
     pytest.fail(f"job {job} did not finish within {timeout} s")
 
 
-def test_sbatch_trains_two_ranks_and_checkpoints(cluster, tmp_path):
+@pytest.mark.parametrize("mode, tasks_per_node", [("deepspeed", 1), ("srun", 2)])
+def test_sbatch_trains_two_ranks_and_checkpoints(cluster, tmp_path, mode, tasks_per_node):
+    """deepspeed: one task per node runs the deepspeed launcher; srun: one task per rank."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     data = tmp_path / "data"
     preprocess(PreprocessArgs([str(stdlib / "json"), str(stdlib / "email")], str(data), seq_len=128, valid_fraction=0.1))
     run = tmp_path / "run"
     settings = f"data.path={data} run.dir={run} train.steps=6 train.global_batch_size=16 logging.interval=2 data.num_workers=0"
-    env = dict(cluster, MEGAMEM_CONFIG="configs/cpu-smoke.yaml", MEGAMEM_SET=settings, GPUS_PER_NODE="2",
+    env = dict(cluster, MEGAMEM_CONFIG="configs/cpu-smoke.yaml", MEGAMEM_SET=settings, GPUS_PER_NODE="2", MEGAMEM_MODE=mode,
                MEGAMEM_VENV=str(Path(sys.executable).parents[1]), OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
     output = tmp_path / "job.out"
-    submitted = subprocess.run(["sbatch", "--parsable", "--nodes=1", f"--chdir={REPO}", f"--output={output}",
+    submitted = subprocess.run(["sbatch", "--parsable", "--nodes=1", f"--ntasks-per-node={tasks_per_node}",
+                                f"--chdir={REPO}", f"--output={output}",
                                 str(REPO / "launchers/slurm/pretrain.sbatch")], env=env, capture_output=True, text=True)
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip().split(";")[0]
@@ -133,3 +136,46 @@ def test_sbatch_trains_two_ranks_and_checkpoints(cluster, tmp_path):
     assert (run / "checkpoints" / "step-00000006" / "megamem.json").is_file()
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 2, 4, 6]
+
+
+def test_preempted_job_checkpoints_and_its_requeued_run_resumes(cluster, tmp_path):
+    """`scontrol requeue` terminates the job as a preemption does (SIGTERM, then SIGKILL after KillWait) and queues it
+    again; --requeue in the script allows that, and the rerun resumes from the checkpoint written on SIGTERM."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    data = tmp_path / "data"
+    preprocess(PreprocessArgs([str(stdlib / "json"), str(stdlib / "email")], str(data), seq_len=128, valid_fraction=0.1))
+    run = tmp_path / "run"
+    settings = (f"data.path={data} run.dir={run} train.steps=120 train.global_batch_size=16 logging.interval=1 "
+                f"data.num_workers=0 checkpoint.interval=1000 train.eval_interval=1000")
+    env = dict(cluster, MEGAMEM_CONFIG="configs/cpu-smoke.yaml", MEGAMEM_SET=settings, GPUS_PER_NODE="2",
+               MEGAMEM_VENV=str(Path(sys.executable).parents[1]), OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+    output = tmp_path / "job.out"
+    submitted = subprocess.run(["sbatch", "--parsable", "--nodes=1", f"--chdir={REPO}", f"--output={output}",
+                                str(REPO / "launchers/slurm/pretrain.sbatch")], env=env, capture_output=True, text=True)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 6):
+        time.sleep(0.2)
+    requeue = subprocess.run(["scontrol", "requeue", job], env=cluster, capture_output=True, text=True)
+    assert requeue.returncode == 0, requeue.stderr
+    release_when_pending(job, cluster)          # Slurm delays a requeued job's start by about two minutes
+    fields = wait_for(job, cluster, timeout=600)
+    log = output.read_text() if output.exists() else "(no job output)"
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", log[-4000:]
+    assert "stopping at step" in log and "resumed from" in log and "(restart 1)" in log, log[-4000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps[-1] == 120 and sorted(set(steps)) == list(range(0, 121))
+    assert (run / "checkpoints" / "step-00000120" / "megamem.json").is_file()
+
+
+def release_when_pending(job: str, env: dict, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+        if "JobState=PENDING" in text:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
+            return
+        time.sleep(0.5)
+    pytest.fail(f"job {job} did not return to the queue within {timeout} s")

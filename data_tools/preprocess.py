@@ -177,8 +177,10 @@ def _in_valid_split(document: int, fraction: float) -> bool:
 
 
 def _fingerprint(args: PreprocessArgs, files: list[Path], tokenizer_hash: str) -> str:
-    """What determines the output bytes (the worker count does not)."""
-    content = {"files": [(str(f), f.stat().st_size) for f in files], "seq_len": args.seq_len, "tokenizer": tokenizer_hash,
+    """What determines the output bytes (the worker count does not); an input changed since an interrupted run
+    changes it, so that run is not resumed over different data."""
+    content = {"files": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files], "seq_len": args.seq_len,
+               "tokenizer": tokenizer_hash,
                "json_key": args.json_key, "valid_fraction": args.valid_fraction, "shard_size_mb": args.shard_size_mb,
                "on_error": args.on_error}
     return hashlib.sha256(json.dumps(content).encode()).hexdigest()

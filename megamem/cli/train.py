@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _launch(args: argparse.Namespace, config) -> int:
     """The deepspeed launcher with N local ranks; SIGTERM is passed on, and a run it stopped cleanly exits 0."""
+    import torch
+
     from megamem.training import entry
     from megamem.training.checkpoint import complete_checkpoints
 
@@ -67,13 +69,8 @@ def _launch(args: argparse.Namespace, config) -> int:
         command += ["--set", override]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            env.setdefault("DS_ACCELERATOR", "cpu")
-    except ImportError:
-        pass
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
     before = complete_checkpoints(Path(config.run.dir))
     child = subprocess.Popen(command, env=env)
     stopped = []

@@ -36,10 +36,10 @@ def test_falls_back_to_torch_without_apex(monkeypatch, caplog):
 
 def test_uses_apex_when_importable(monkeypatch):
     class FusedLayerNorm(nn.LayerNorm):
-        pass
+        """Stands in for apex.normalization.FusedLayerNorm."""
 
     class FusedRMSNorm(nn.RMSNorm):
-        pass
+        """Stands in for apex.normalization.FusedRMSNorm."""
 
     fake = types.SimpleNamespace(FusedLayerNorm=FusedLayerNorm, FusedRMSNorm=FusedRMSNorm)
     monkeypatch.setattr(importlib, "import_module", lambda name, *a: fake)

@@ -140,7 +140,7 @@ class TokenBatches(IterableDataset):
 
 @dataclass
 class DataSpec:
-    """What a loader needs from the run's config."""
+    """What the loaders need from the run's config: datasets with weights, and what they must match."""
 
     paths: list[str]
     weights: list[float]
@@ -148,6 +148,18 @@ class DataSpec:
     vocab_size: int
     tokenizer_hash: str
     tokenizer_name: str
+
+    @classmethod
+    def from_config(cls, data, model) -> "DataSpec":
+        """From the `data` and `model` sections; refuses a config without data before anything starts."""
+        from megamem.data_tools.tokenizer import load_tokenizer
+
+        sources = [(data.path, 1.0)] if data.path else [(s.path, s.weight) for s in data.sources]
+        if not sources:
+            raise DataError("no training data: set data.path to a megamem preprocess output (or data.sources for a blend)")
+        tokenizer = load_tokenizer(data.tokenizer)
+        return cls([p for p, _ in sources], [w for _, w in sources], model.seq_len, model.vocab_size, tokenizer.hash,
+                   data.tokenizer)
 
 
 def open_datasets(spec: DataSpec) -> list[Manifest]:
@@ -176,8 +188,9 @@ class TrainLoader:
         self.args = (manifests, weights, "train", batch_size, seed, dp_rank, dp_size)
         self.num_workers = num_workers
         # the same on every rank: the checkpoint keeps one position (batches consumed) for all of them
-        self.fingerprint = hashlib.sha256(repr(([str(m.directory) for m in manifests], weights, batch_size, seed,
-                                                dp_size)).encode()).hexdigest()
+        # names the data by its shards' checksums, not its directory, so a moved dataset still resumes
+        shards = [[s.sha256 for s in m.shards] for m in manifests]
+        self.fingerprint = hashlib.sha256(repr((shards, weights, batch_size, seed, dp_size)).encode()).hexdigest()
         self.batches = 0
         self._iterator = None
 

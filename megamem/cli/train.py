@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from megamem.errors import MegamemError
-    from megamem.training.entry import check_layout
+    from megamem.training.entry import check_layout, open_training_data
 
     config = config_from_args(args)
     if args.nproc < 1:
@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         single_process_env()
         run_training(config, args.resume)
         return 0
+    open_training_data(config)           # a data problem fails here, not once per launched rank
     return _launch(args, config)
 
 

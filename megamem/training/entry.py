@@ -38,7 +38,7 @@ def single_process_env() -> None:
 
 
 def check_layout(config, world_size: int) -> int:
-    """Refuse, before any rank starts, a layout this trainer cannot run; return the data-parallel size."""
+    """Refuse, before any process group forms, a layout this trainer cannot run; return the data-parallel size."""
     from megamem.config import validate_world
     from megamem.errors import MegamemError
 
@@ -52,6 +52,14 @@ def check_layout(config, world_size: int) -> int:
     return validate_world(config, world_size)
 
 
+def open_training_data(config):
+    """The run's data spec and checked manifests: a missing or mismatched dataset fails here, before training."""
+    from megamem.data_tools.loader import DataSpec, open_datasets
+
+    spec = DataSpec.from_config(config.data, config.model)
+    return spec, open_datasets(spec)
+
+
 def run_training(config, resume: str) -> None:
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -60,9 +68,7 @@ def run_training(config, resume: str) -> None:
     import torch.distributed as dist
 
     from megamem.config import save_config
-    from megamem.data_tools.loader import DataSpec, TrainLoader, open_datasets
-    from megamem.data_tools.tokenizer import load_tokenizer
-    from megamem.errors import MegamemError
+    from megamem.data_tools.loader import TrainLoader
     from megamem.flops import flops_report
     from megamem.model import build_model
     from megamem.parallel.activation_checkpointing import apply_activation_checkpointing
@@ -74,6 +80,7 @@ def run_training(config, resume: str) -> None:
     from megamem.training.optimizer import build_optimizer, build_scheduler
     from megamem.training.trainer import Trainer
 
+    spec, manifests = open_training_data(config)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
@@ -91,15 +98,8 @@ def run_training(config, resume: str) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
 
-    data = config.data
-    sources = [(data.path, 1.0)] if data.path else [(s.path, s.weight) for s in data.sources]
-    if not sources:
-        raise MegamemError("no training data: set data.path to a megamem preprocess output (or data.sources for a blend)")
-    tokenizer = load_tokenizer(data.tokenizer)
-    manifests = open_datasets(DataSpec([p for p, _ in sources], [w for _, w in sources], config.model.seq_len,
-                                       config.model.vocab_size, tokenizer.hash, data.tokenizer))
-    loader = TrainLoader(manifests, [w for _, w in sources], config.train.micro_batch_size, config.run.seed,
-                         state.dp_rank, dp, data.num_workers)
+    loader = TrainLoader(manifests, spec.weights, config.train.micro_batch_size, config.run.seed, state.dp_rank, dp,
+                         config.data.num_workers)
 
     torch.manual_seed(config.run.seed)
     model = build_model(config)

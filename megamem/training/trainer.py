@@ -33,6 +33,7 @@ class Trainer:
         self.flops_per_token, self.device = flops_per_token, device
         self.step = 0
         self.stop_requested = False
+        self._valid_batches: list[torch.Tensor] | None = None     # the same every evaluation: read once
         self.accumulation = engine.gradient_accumulation_steps()
 
     def train_step(self, measure_grad_norm: bool) -> dict[str, float]:
@@ -79,12 +80,15 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation loss over the same eval_steps batches every time, averaged over data-parallel ranks."""
+        if self._valid_batches is None:
+            self._valid_batches = list(valid_batches(self.valid_manifests, self.config.train.micro_batch_size,
+                                                     self.state.dp_rank, self.state.dp, self.config.train.eval_steps))
         self.engine.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for batch in valid_batches(self.valid_manifests, self.config.train.micro_batch_size, self.state.dp_rank,
-                                   self.state.dp, self.config.train.eval_steps):
+        for batch in self._valid_batches:
             batch = batch.to(self.device)
-            total += torch.stack([lm_loss(self.engine(batch[:, :-1]), batch[:, 1:]).double(), torch.ones((), dtype=torch.float64, device=self.device)])
+            total += torch.stack([lm_loss(self.engine(batch[:, :-1]), batch[:, 1:]).double(),
+                                  torch.ones((), dtype=torch.float64, device=self.device)])
         self.engine.train()
         dist.all_reduce(total, group=self.state.group("dp"))
         return (total[0] / total[1]).item()

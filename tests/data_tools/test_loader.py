@@ -88,6 +88,19 @@ print(json.dumps([b.tolist() for b in (next(loader) for _ in range(5))]))
     assert [tuple(r) for batch in json.loads(result.stdout) for r in batch] == expected
 
 
+def test_a_moved_dataset_still_resumes(manifest, tmp_path):
+    import shutil
+
+    loader = TrainLoader([manifest], [1.0], 4, 11, 0, 1, 0)
+    take(loader, 3)
+    state = loader.state_dict()
+    expected = rows(take(loader, 2))
+    moved = load_manifest(shutil.copytree(manifest.directory, tmp_path / "elsewhere" / "ds"))
+    resumed = TrainLoader([moved], [1.0], 4, 11, 0, 1, 0)
+    resumed.load_state_dict(state)
+    assert rows(take(resumed, 2)) == expected
+
+
 def test_resume_refuses_another_layout(manifest):
     state = TrainLoader([manifest], [1.0], 4, 11, 0, 1, 0).state_dict()
     with pytest.raises(DataError, match="would repeat or skip samples"):

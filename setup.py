@@ -26,6 +26,6 @@ setup(
     package_dir=PACKAGES,
     install_requires=["torch>=2.1", "pyyaml>=6", "numpy", "webdataset>=0.2", "tokenizers>=0.15", "zstandard", "deepspeed>=0.14", "tensorboard", "safetensors", "ninja"],
     extras_require={"test": ["pytest>=7", "triton"]},
-    package_data={"megamem.kernels": ["cpu/*.cpp"]},
+    package_data={"megamem.kernels": ["cpu/*.cpp", "cpu/*.h"]},
     entry_points={"console_scripts": ["megamem=megamem.cli.main:main"]},
 )

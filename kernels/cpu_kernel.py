@@ -1,11 +1,11 @@
-"""The fused CPU Memory Layer (kernels/cpu/memory_layer.cpp) behind the kernel interface.
+"""The fused CPU Memory Layer (kernels/cpu/*.cpp) behind the kernel interface.
 
 CPUs and RAM sit idle beside GPUs, and a lookup does tau times fewer operations
 than a matmul: written as separate torch ops it is still slower than nn.Linear,
-fused and cache-tiled it is not. The C++ source is compiled on first use with
+fused and cache-tiled it is not. The C++ sources are compiled on first use with
 torch's extension builder (gcc, ninja) for this machine's instruction set and
-cached; the cache name carries a hash of the CPU's feature flags, so a shared
-home directory never hands one machine another's binary.
+cached; the cache name carries a hash of the sources and of the CPU's feature
+flags, so a shared home directory never hands one machine another's binary.
 
 Hash and gather-sum are separate autograd Functions, as in the reference, so
 layers that share codes (Q, K, V) add their gradients of p before the input's.
@@ -22,7 +22,8 @@ import torch
 
 from megamem.kernels.autograd_kernel import AutogradKernel
 
-SOURCE = Path(__file__).with_name("cpu") / "memory_layer.cpp"
+SOURCE_DIR = Path(__file__).with_name("cpu")
+SOURCES = sorted(SOURCE_DIR.glob("*.cpp"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,8 +35,11 @@ def extension():
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "") \
         if Path("/proc/cpuinfo").exists() else ""
-    name = "megamem_cpu_memory_layer_" + hashlib.sha256(flags.encode()).hexdigest()[:10]
-    return load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],
+    digest = hashlib.sha256(flags.encode())
+    for path in sorted(SOURCE_DIR.iterdir()):
+        digest.update(path.read_bytes())
+    name = "megamem_cpu_memory_layer_" + digest.hexdigest()[:10]
+    return load(name=name, sources=[str(path) for path in SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],
                 extra_ldflags=["-fopenmp"], verbose=False)
 
 

@@ -1,0 +1,303 @@
+// Gather-sum of the CPU Memory Layer and its backward (spec section 1).
+//
+// The work is one weighted row read per token and table, so speed is decided by where the rows come from.
+// Tables are walked in column blocks of kBlock floats: a block of every table is copied into a contiguous
+// float buffer (the tables' own rows sit 4 D bytes apart, a power of two that maps a column slice onto a few
+// cache sets), and tokens are then streamed over a group of tables whose block fits in L2, in tiles whose
+// partial sums fit beside it. Each row read is then an L2 hit instead of a trip to L3 or RAM.
+//
+// Ownership makes it deterministic without atomics: the forward gives each thread whole column blocks (so
+// whole output columns), the backward whole tables (so whole rows of the table gradient and whole columns of
+// dp). Every sum runs in a fixed order, tokens ascending and column blocks ascending, whatever the thread
+// count: table gradients are bit-identical run to run and across thread counts.
+#include "memory_layer.h"
+#include "simd.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+namespace megamem {
+namespace {
+
+constexpr int kVecs = 4;                          // vectors per column block
+constexpr int64_t kBlock = kVecs * kLanes;        // floats per column block: two 64-byte cache lines
+constexpr int64_t kRowBytes = kBlock * sizeof(float);
+constexpr int64_t kGroupBytes = 128 * 1024;       // a group's block of the tables (and of their gradients): ~L2 / 4
+constexpr int64_t kTileBytes = 256 * 1024;        // a tile's partial sums (or gradient of y) beside it
+
+struct Layout {
+  int64_t tokens, chunks, rows, width, blocks, group, tile;
+
+  int64_t valid(int64_t block) const { return std::min(kBlock, width - block * kBlock); }
+  int64_t block_vecs() const { return chunks * rows * kVecs; }
+};
+
+Layout layout_of(const at::Tensor& codes, const at::Tensor& tables, int copies) {
+  const int64_t chunks = tables.size(0), rows = tables.size(1), width = tables.size(2);
+  const int64_t group = std::clamp<int64_t>(kGroupBytes / (copies * rows * kRowBytes), 1, chunks);
+  return {codes.size(0), chunks, rows, width, (width + kBlock - 1) / kBlock, group, kTileBytes / kRowBytes};
+}
+
+// Buffers kept between calls, one set per calling thread: allocating (and page-faulting) tens of megabytes
+// per call would cost as much as the gather itself. A buffer grows to the largest layer it has served.
+template <typename T>
+T* scratch(int slot, int64_t count) {
+  thread_local std::vector<std::unique_ptr<char[]>> buffers(8);
+  thread_local std::vector<int64_t> sizes(8, 0);
+  const int64_t bytes = count * static_cast<int64_t>(sizeof(T)) + 64;
+  if (sizes[slot] < bytes) {
+    buffers[slot].reset(new char[bytes]);
+    sizes[slot] = bytes;
+  }
+  const auto address = reinterpret_cast<uintptr_t>(buffers[slot].get());
+  return reinterpret_cast<T*>((address + 63) & ~uintptr_t{63});
+}
+
+// Contiguous ranges of [0, count) for the threads, the first ones one larger; every range is worked by one thread.
+template <typename Work>
+void for_each_share(int64_t count, Work work) {
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
+  at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
+    for (int64_t part = first; part < last; ++part) {
+      const int64_t base = count / parts, extra = count % parts;
+      const int64_t begin = part * base + std::min(part, extra);
+      work(begin, begin + base + (part < extra));
+    }
+  });
+}
+
+// blocked[b][k][r][:] = tables[k, r, column block b] as float, zero past the last column.
+template <typename T>
+const Vec* pack(const T* tables, const Layout& s) {
+  Vec* blocked = scratch<Vec>(0, s.blocks * s.block_vecs());
+  at::parallel_for(0, s.chunks * s.rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      for (int64_t b = 0; b < s.blocks; ++b) {
+        float* dst = reinterpret_cast<float*>(blocked + (b * s.chunks * s.rows + row) * kVecs);
+        load_floats(tables + row * s.width + b * kBlock, s.valid(b), dst);
+        std::fill(dst + s.valid(b), dst + kBlock, 0.0f);
+      }
+    }
+  });
+  return blocked;
+}
+
+// tables[k, r, :] = blocked[b][k][r][:] over the column blocks, in the tables' dtype.
+template <typename T>
+void unpack(const Vec* blocked, const Layout& s, T* tables) {
+  at::parallel_for(0, s.chunks * s.rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      for (int64_t b = 0; b < s.blocks; ++b) {
+        store_floats(reinterpret_cast<const float*>(blocked + (b * s.chunks * s.rows + row) * kVecs),
+                     s.valid(b), tables + row * s.width + b * kBlock);
+      }
+    }
+  });
+}
+
+// Each token's (row offset in a column block, p) for its tables, laid out group by group ([group][N][tables in it]),
+// so that a pass over one group reads them in sequence.
+struct Entries {
+  int32_t* offset;
+  float* p;
+
+  int64_t at(const Layout& s, int64_t g0, int64_t n) const { return g0 * s.tokens + n * (std::min(g0 + s.group, s.chunks) - g0); }
+};
+
+Entries entries_of(const int16_t* codes, const float* p, const Layout& s) {
+  Entries e{scratch<int32_t>(1, s.tokens * s.chunks), scratch<float>(2, s.tokens * s.chunks)};
+  at::parallel_for(0, s.tokens, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t g0 = 0; g0 < s.chunks; g0 += s.group) {
+        const int64_t at = e.at(s, g0, n), g1 = std::min(g0 + s.group, s.chunks);
+        for (int64_t k = g0; k < g1; ++k) {
+          e.offset[at + k - g0] = static_cast<int32_t>((k * s.rows + codes[n * s.chunks + k]) * kVecs);
+          e.p[at + k - g0] = p[n * s.chunks + k];
+        }
+      }
+    }
+  });
+  return e;
+}
+
+// Few tokens: reading their rows in place beats copying the tables, which reads all R rows of each.
+template <typename T>
+void gather_sum_in_place(const int16_t* codes, const float* p, const T* tables, const T* bias, const Layout& s, T* y) {
+  at::parallel_for(0, s.tokens, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(s.width), row(s.width);
+    for (int64_t n = begin; n < end; ++n) {
+      if (bias) load_floats(bias, s.width, acc.data()); else std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t k = 0; k < s.chunks; ++k) {
+        load_floats(tables + (k * s.rows + codes[n * s.chunks + k]) * s.width, s.width, row.data());
+        const float pk = p[n * s.chunks + k];
+        for (int64_t j = 0; j < s.width; ++j) acc[j] += pk * row[j];
+      }
+      store_floats(acc.data(), s.width, y + n * s.width);
+    }
+  });
+}
+
+// y[n, :] = bias + sum_k p[n, k] tables[k, codes[n, k], :]; a thread owns whole column blocks.
+template <typename T>
+void gather_sum_blocked(const int16_t* codes, const float* p, const T* tables, const T* bias, const Layout& s, T* y) {
+  const Vec* blocked = pack(tables, s);
+  const Entries e = entries_of(codes, p, s);
+  for_each_share(s.blocks, [&](int64_t b0, int64_t b1) {
+    std::vector<Vec> partial(s.tile * kVecs);
+    for (int64_t b = b0; b < b1; ++b) {
+      const Vec* block = blocked + b * s.block_vecs();
+      Vec start[kVecs] = {};
+      if (bias) load_floats(bias + b * kBlock, s.valid(b), reinterpret_cast<float*>(start));
+      for (int64_t t0 = 0; t0 < s.tokens; t0 += s.tile) {
+        const int64_t t1 = std::min(t0 + s.tile, s.tokens);
+        for (int64_t g0 = 0; g0 < s.chunks; g0 += s.group) {
+          const int64_t size = std::min(g0 + s.group, s.chunks) - g0;
+          const int32_t* offset = e.offset + e.at(s, g0, t0);
+          const float* pk = e.p + e.at(s, g0, t0);
+          for (int64_t n = t0; n < t1; ++n, offset += size, pk += size) {
+            Vec acc[kVecs];
+            Vec* saved = partial.data() + (n - t0) * kVecs;
+            for (int v = 0; v < kVecs; ++v) acc[v] = g0 == 0 ? start[v] : saved[v];
+            for (int64_t k = 0; k < size; ++k) {
+              const Vec* row = block + offset[k];
+              for (int v = 0; v < kVecs; ++v) acc[v] += pk[k] * row[v];
+            }
+            if (g0 + size == s.chunks) {
+              store_floats(reinterpret_cast<const float*>(acc), s.valid(b), y + n * s.width + b * kBlock);
+            } else {
+              for (int v = 0; v < kVecs; ++v) saved[v] = acc[v];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// Per tile of tokens and per table, the tile's tokens sorted by code (a stable counting sort), with their p:
+// laid out [tile][table][position], bucket r of (tile, table) spanning positions start[r] .. start[r + 1].
+struct Buckets {
+  int32_t* token;
+  float* p;
+  int32_t* start;                                   // [tiles][K][R + 1]
+
+  int64_t base(const Layout& s, int64_t t0, int64_t k) const { return t0 * s.chunks + k * (std::min(t0 + s.tile, s.tokens) - t0); }
+  const int32_t* starts(const Layout& s, int64_t t0, int64_t k) const { return start + ((t0 / s.tile) * s.chunks + k) * (s.rows + 1); }
+};
+
+Buckets buckets_of(const int16_t* codes, const float* p, const Layout& s) {
+  const int64_t tiles = (s.tokens + s.tile - 1) / s.tile;
+  Buckets e{scratch<int32_t>(1, s.tokens * s.chunks), scratch<float>(2, s.tokens * s.chunks),
+            scratch<int32_t>(5, tiles * s.chunks * (s.rows + 1))};
+  at::parallel_for(0, tiles * s.chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> next(s.rows);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t0 = (item / s.chunks) * s.tile, k = item % s.chunks, t1 = std::min(t0 + s.tile, s.tokens);
+      int32_t* start = const_cast<int32_t*>(e.starts(s, t0, k));
+      std::fill(start, start + s.rows + 1, 0);
+      for (int64_t n = t0; n < t1; ++n) ++start[codes[n * s.chunks + k] + 1];
+      for (int64_t r = 0; r < s.rows; ++r) start[r + 1] += start[r];
+      std::copy(start, start + s.rows, next.begin());
+      const int64_t base = e.base(s, t0, k);
+      for (int64_t n = t0; n < t1; ++n) {
+        const int32_t at = next[codes[n * s.chunks + k]]++;
+        e.token[base + at] = static_cast<int32_t>(n);
+        e.p[base + at] = p[n * s.chunks + k];
+      }
+    }
+  });
+  return e;
+}
+
+// dtables[k, r, :] = sum_{n: codes[n, k] = r} p[n, k] dy[n, :] and dp[n, k] = <dy[n, :], tables[k, codes[n, k], :]>.
+// Tokens are visited bucket by bucket, so a table row and its gradient stay in registers while the tokens that
+// chose it stream past: one read of dy per token and table, instead of reading the row and reading and writing
+// its gradient. A thread owns whole tables: whole rows of the table gradient and whole columns of dp.
+template <typename T>
+void gather_sum_backward_blocked(const T* dy, const int16_t* codes, const float* p, const T* tables, const Layout& s,
+                                 T* dtables, float* dp) {
+  const Vec* blocked = pack(tables, s);
+  const Buckets e = buckets_of(codes, p, s);
+  Vec* grad = scratch<Vec>(3, s.blocks * s.block_vecs());
+  float* dp_sorted = scratch<float>(4, s.tokens * s.chunks);      // dp laid out as the buckets
+  at::parallel_for(0, s.blocks * s.block_vecs(), 1 << 16, [&](int64_t begin, int64_t end) {
+    std::fill(grad + begin, grad + end, Vec{});
+  });
+  std::fill(dp_sorted, dp_sorted + s.tokens * s.chunks, 0.0f);
+  for_each_share(s.chunks, [&](int64_t k0, int64_t k1) {
+    std::vector<Vec> dy_tile(s.tile * kVecs);
+    for (int64_t b = 0; b < s.blocks; ++b) {
+      const int64_t valid = s.valid(b);
+      for (int64_t t0 = 0; t0 < s.tokens; t0 += s.tile) {
+        const int64_t t1 = std::min(t0 + s.tile, s.tokens);
+        for (int64_t n = t0; n < t1; ++n) {
+          float* dst = reinterpret_cast<float*>(dy_tile.data() + (n - t0) * kVecs);
+          load_floats(dy + n * s.width + b * kBlock, valid, dst);
+          std::fill(dst + valid, dst + kBlock, 0.0f);
+        }
+        for (int64_t k = k0; k < k1; ++k) {
+          const int32_t* start = e.starts(s, t0, k);
+          const int64_t base = e.base(s, t0, k);
+          for (int64_t r = 0; r < s.rows; ++r) {
+            if (start[r] == start[r + 1]) continue;
+            const int64_t at = b * s.block_vecs() + (k * s.rows + r) * kVecs;
+            Vec row[kVecs], acc[kVecs];
+            for (int v = 0; v < kVecs; ++v) {
+              row[v] = blocked[at + v];
+              acc[v] = grad[at + v];
+            }
+            for (int64_t i = base + start[r]; i < base + start[r + 1]; ++i) {
+              const Vec* d = dy_tile.data() + (e.token[i] - t0) * kVecs;
+              Vec dot = row[0] * d[0];
+              for (int v = 1; v < kVecs; ++v) dot += row[v] * d[v];
+              dp_sorted[i] += sum(dot);
+              for (int v = 0; v < kVecs; ++v) acc[v] += e.p[i] * d[v];
+            }
+            for (int v = 0; v < kVecs; ++v) grad[at + v] = acc[v];
+          }
+        }
+      }
+    }
+  });
+  unpack(grad, s, dtables);
+  const int64_t tiles = (s.tokens + s.tile - 1) / s.tile;
+  at::parallel_for(0, tiles * s.chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t0 = (item / s.chunks) * s.tile, k = item % s.chunks, base = e.base(s, t0, k);
+      for (int64_t i = base; i < base + std::min(s.tile, s.tokens - t0); ++i) dp[e.token[i] * s.chunks + k] = dp_sorted[i];
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor gather_sum(const at::Tensor& codes, const at::Tensor& p, const at::Tensor& tables,
+                      const std::optional<at::Tensor>& bias) {
+  const Layout s = layout_of(codes, tables, 1);
+  auto y = at::empty({s.tokens, s.width}, tables.options());
+  dispatch(tables.scalar_type(), "gather_sum", [&](auto element) {
+    using T = decltype(element);
+    const T* b = bias ? bias->data_ptr<T>() : nullptr;
+    const auto run = s.tokens < s.rows ? gather_sum_in_place<T> : gather_sum_blocked<T>;
+    run(codes.data_ptr<int16_t>(), p.data_ptr<float>(), tables.data_ptr<T>(), b, s, y.data_ptr<T>());
+  });
+  return y;
+}
+
+std::vector<at::Tensor> gather_sum_backward(const at::Tensor& dy, const at::Tensor& codes, const at::Tensor& p,
+                                            const at::Tensor& tables) {
+  const Layout s = layout_of(codes, tables, 2);
+  auto dtables = at::empty_like(tables);
+  auto dp = at::empty({s.tokens, s.chunks}, p.options());
+  dispatch(tables.scalar_type(), "gather_sum_backward", [&](auto element) {
+    using T = decltype(element);
+    gather_sum_backward_blocked<T>(dy.data_ptr<T>(), codes.data_ptr<int16_t>(), p.data_ptr<float>(),
+                                   tables.data_ptr<T>(), s, dtables.data_ptr<T>(), dp.data_ptr<float>());
+  });
+  return {dtables, dp};
+}
+
+}  // namespace megamem

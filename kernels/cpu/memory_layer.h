@@ -1,0 +1,38 @@
+// The CPU Memory Layer's operations (spec section 1), on checked, contiguous CPU tensors.
+//
+// Shapes: N tokens, K chunks (tables), T = tau bits, R = 2^tau rows, D = d_out.
+//   hash(x [N, K*T]) -> codes [N, K] int16, p [N, K] float32
+//   hash_backward(x, p, dp [N, K] float32) -> dx [N, K*T]
+//   gather_sum(codes, p, tables [K, R, D], bias [D] or none) -> y [N, D]
+//   gather_sum_backward(dy [N, D], codes, p, tables) -> dtables [K, R, D], dp [N, K] float32
+// Inputs, tables and outputs are float32, bfloat16 or float16; everything inside is computed in float32.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+namespace megamem {
+
+std::vector<at::Tensor> hash(const at::Tensor& x, int64_t tau, double temperature, bool l1);
+at::Tensor hash_backward(const at::Tensor& x, const at::Tensor& p, const at::Tensor& dp, int64_t tau,
+                         double temperature, bool l1);
+at::Tensor gather_sum(const at::Tensor& codes, const at::Tensor& p, const at::Tensor& tables,
+                      const std::optional<at::Tensor>& bias);
+std::vector<at::Tensor> gather_sum_backward(const at::Tensor& dy, const at::Tensor& codes, const at::Tensor& p,
+                                            const at::Tensor& tables);
+
+// Calls body(value of the element type) for the dtypes the kernels accept.
+template <typename Body>
+void dispatch(at::ScalarType type, const char* operation, Body body) {
+  switch (type) {
+    case at::kFloat: return body(float{});
+    case at::kBFloat16: return body(c10::BFloat16{});
+    case at::kHalf: return body(c10::Half{});
+    default: TORCH_CHECK(false, "megamem CPU kernel ", operation, ": dtype ", type, " is not supported "
+                         "(float32, bfloat16, float16); use model.kernel=reference for other dtypes");
+  }
+}
+
+}  // namespace megamem

@@ -1,0 +1,86 @@
+// Eight-float vectors for the CPU Memory Layer, written with GCC/Clang vector extensions so that one source
+// compiles to AVX2 (or AVX-512, NEON, SSE: two halves) for whatever -march the machine gives, with no intrinsics.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace megamem {
+
+constexpr int kLanes = 8;
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t IntVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline Vec load(const float* src) {
+  Vec v;
+  std::memcpy(&v, src, sizeof(Vec));
+  return v;
+}
+
+inline void store(float* dst, Vec v) { std::memcpy(dst, &v, sizeof(Vec)); }
+
+inline Vec splat(float value) { return Vec{} + value; }
+
+inline Vec abs(Vec v) {
+  IntVec bits;
+  std::memcpy(&bits, &v, sizeof(Vec));
+  bits &= 0x7fffffff;
+  std::memcpy(&v, &bits, sizeof(Vec));
+  return v;
+}
+
+inline float sum(Vec v) {
+  float total = 0.0f;
+  for (int i = 0; i < kLanes; ++i) total += v[i];
+  return total;
+}
+
+// exp(-y) for y >= 0, to about 2 ulp: exp(-y) = 2^n e^r with |r| <= ln2/2 and a degree-6 polynomial for e^r
+// (Cephes' expf coefficients). Inputs past 87 return exp(-87) ~ 1.6e-38: 1 + that is 1 in float anyway.
+inline Vec exp_negative(Vec y) {
+  Vec x = -y;
+  x = x < -87.0f ? splat(-87.0f) : x;
+  const Vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;   // round to nearest via 1.5 * 2^23
+  const Vec r = (x - n * 0.693359375f) + n * 2.12194440e-4f;              // x - n ln2 in two parts
+  Vec poly = splat(1.9875691500e-4f);
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const Vec er = poly * (r * r) + r + 1.0f;
+  IntVec exponent = (__builtin_convertvector(n, IntVec) + 127) << 23;
+  Vec scale;
+  std::memcpy(&scale, &exponent, sizeof(Vec));
+  return er * scale;
+}
+
+// Element conversions at the edges of a kernel: everything inside runs in float.
+template <typename T>
+inline float to_float(T v) { return static_cast<float>(v); }
+
+template <typename T>
+inline T from_float(float v) { return static_cast<T>(v); }
+
+template <typename T>
+inline void load_floats(const T* src, int64_t count, float* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, count * sizeof(float));
+  } else {
+    for (int64_t i = 0; i < count; ++i) dst[i] = to_float(src[i]);
+  }
+}
+
+template <typename T>
+inline void store_floats(const float* src, int64_t count, T* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, count * sizeof(float));
+  } else {
+    for (int64_t i = 0; i < count; ++i) dst[i] = from_float<T>(src[i]);
+  }
+}
+
+}  // namespace megamem

@@ -11,11 +11,13 @@ kernel: their integer type is the kernel's own.
   cpu        fused C++ for CPU tensors, compiled on first use (cpu_kernel.py)
   triton     fused Triton kernels for CUDA tensors (triton_kernel.py; imported on first use, so that
              TRITON_INTERPRET=1 can be set before its kernels are defined)
-  auto       per call: cpu for CPU tensors, triton for CUDA tensors (reference where Triton is missing)
+  auto       per call: cpu for CPU tensors of float32, bfloat16 or float16, triton for CUDA tensors,
+             reference for the rest (float64, Triton missing)
 """
 import functools
 import importlib.util
 
+from megamem.kernels.cpu_kernel import DTYPES as CPU_DTYPES
 from megamem.kernels.cpu_kernel import CpuKernel
 from megamem.kernels.reference import ReferenceKernel
 
@@ -31,13 +33,13 @@ def _triton():
 
 
 class AutoKernel:
-    """Picks the fused CPU path for CPU tensors and the reference path for the rest, call by call."""
+    """Picks the fused path for the tensor's device and dtype, call by call."""
 
     name = "auto"
 
     @staticmethod
     def _for(tensor):
-        if tensor.device.type == "cpu":
+        if tensor.device.type == "cpu" and tensor.dtype in CPU_DTYPES:
             return CpuKernel
         if tensor.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
             return _triton()

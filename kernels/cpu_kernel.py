@@ -1,8 +1,13 @@
 """The fused CPU Memory Layer (kernels/cpu/*.cpp) behind the kernel interface.
 
 CPUs and RAM sit idle beside GPUs, and a lookup does tau times fewer operations
-than a matmul: written as separate torch ops it is still slower than nn.Linear,
-fused and cache-tiled it is not. The C++ sources are compiled on first use with
+than a matmul, but it is a gather bound by memory bandwidth: written as separate
+torch ops it is several times slower than nn.Linear. The C++ kernels hash with
+vectorized exponentials and gather from a column-blocked copy of the tables that
+keeps row reads in L2 (see the comment at the top of cpu/gather_sum.cpp). They
+keep that copy and their index buffers between calls, one set per calling thread,
+sized for the largest layer served: about twice the largest layer's tables in
+float32 during training. The C++ sources are compiled on first use with
 torch's extension builder (gcc, ninja) for this machine's instruction set and
 cached; the cache name carries a hash of the sources and of the CPU's feature
 flags, so a shared home directory never hands one machine another's binary.
@@ -24,6 +29,7 @@ from megamem.kernels.autograd_kernel import AutogradKernel
 
 SOURCE_DIR = Path(__file__).with_name("cpu")
 SOURCES = sorted(SOURCE_DIR.glob("*.cpp"))
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)    # computed in float32 inside; others take the reference
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,7 +72,7 @@ class _GatherSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, codes, p, tables, bias):
         chunks, _, width = tables.shape
-        codes2 = codes.reshape(-1, chunks).contiguous()
+        codes2 = codes.reshape(-1, chunks).to(torch.int16).contiguous()      # codes from another kernel too
         p2 = p.reshape(-1, chunks).float().contiguous()
         tables = tables.contiguous()
         y = extension().gather_sum(codes2, p2, tables, bias.contiguous() if bias is not None else None)
@@ -81,7 +87,7 @@ class _GatherSum(torch.autograd.Function):
         dy2 = dy.reshape(-1, tables.shape[-1]).to(tables.dtype).contiguous()
         dtables, dp = extension().gather_sum_backward(dy2, codes2, p2, tables)
         dbias = dy2.float().sum(0).to(tables.dtype) if has_bias else None
-        return None, dp.reshape(p_shape).to(p_dtype), dtables.to(tables.dtype), dbias
+        return None, dp.reshape(p_shape).to(p_dtype), dtables, dbias
 
 
 CpuKernel = AutogradKernel("cpu", _Hash, _GatherSum)

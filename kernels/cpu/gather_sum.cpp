@@ -1,15 +1,17 @@
 // Gather-sum of the CPU Memory Layer and its backward (spec section 1).
 //
 // The work is one weighted row read per token and table, so speed is decided by where the rows come from.
-// Tables are walked in column blocks of kBlock floats: a block of every table is copied into a contiguous
-// float buffer (the tables' own rows sit 4 D bytes apart, a power of two that maps a column slice onto a few
-// cache sets), and tokens are then streamed over a group of tables whose block fits in L2, in tiles whose
-// partial sums fit beside it. Each row read is then an L2 hit instead of a trip to L3 or RAM.
-//
-// Ownership makes it deterministic without atomics: the forward gives each thread whole column blocks (so
-// whole output columns), the backward whole tables (so whole rows of the table gradient and whole columns of
-// dp). Every sum runs in a fixed order, tokens ascending and column blocks ascending, whatever the thread
-// count: table gradients are bit-identical run to run and across thread counts.
+// Tables are walked in column blocks of kBlock floats, copied once per call into a contiguous float layout
+// [block][table][row][kBlock] (the tables' own rows sit 4 D bytes apart, a power of two that maps a column
+// slice onto a few cache sets).
+//   forward: a thread owns a range of tokens; per column block, tokens stream over a group of tables whose
+//            block fits in L2, keeping a tile of partial sums beside it, so each row read is an L2 hit.
+//   backward: per tile of tokens and table, tokens are bucketed by code; a row and its gradient stay in
+//            registers while the tokens that chose it stream past, so each token and table costs one read of
+//            dy instead of a row read plus a read and a write of its gradient. A thread owns whole tables.
+// No atomics: every value has one writer, and every sum runs in a fixed order (tables ascending, tokens
+// ascending, column blocks ascending) whatever the thread count, so results are bit-identical run to run and
+// across thread counts.
 #include "memory_layer.h"
 #include "simd.h"
 
@@ -25,8 +27,8 @@ namespace {
 constexpr int kVecs = 4;                          // vectors per column block
 constexpr int64_t kBlock = kVecs * kLanes;        // floats per column block: two 64-byte cache lines
 constexpr int64_t kRowBytes = kBlock * sizeof(float);
-constexpr int64_t kGroupBytes = 128 * 1024;       // a group's block of the tables (and of their gradients): ~L2 / 4
-constexpr int64_t kTileBytes = 256 * 1024;        // a tile's partial sums (or gradient of y) beside it
+constexpr int64_t kGroupBytes = 128 * 1024;       // a group's block of the tables: a quarter of a 512 KB L2
+constexpr int64_t kTileBytes = 256 * 1024;        // a tile's partial sums (or block of dy) beside it
 
 struct Layout {
   int64_t tokens, chunks, rows, width, blocks, group, tile;
@@ -35,9 +37,9 @@ struct Layout {
   int64_t block_vecs() const { return chunks * rows * kVecs; }
 };
 
-Layout layout_of(const at::Tensor& codes, const at::Tensor& tables, int copies) {
+Layout layout_of(const at::Tensor& codes, const at::Tensor& tables) {
   const int64_t chunks = tables.size(0), rows = tables.size(1), width = tables.size(2);
-  const int64_t group = std::clamp<int64_t>(kGroupBytes / (copies * rows * kRowBytes), 1, chunks);
+  const int64_t group = std::clamp<int64_t>(kGroupBytes / (rows * kRowBytes), 1, chunks);
   return {codes.size(0), chunks, rows, width, (width + kBlock - 1) / kBlock, group, kTileBytes / kRowBytes};
 }
 
@@ -140,19 +142,20 @@ void gather_sum_in_place(const int16_t* codes, const float* p, const T* tables, 
   });
 }
 
-// y[n, :] = bias + sum_k p[n, k] tables[k, codes[n, k], :]; a thread owns whole column blocks.
+// y[n, :] = bias + sum_k p[n, k] tables[k, codes[n, k], :]. A thread owns a range of tokens, so it alone writes
+// (and page-faults) its rows of y; the two threads walk the column blocks in step and share each block in L3.
 template <typename T>
 void gather_sum_blocked(const int16_t* codes, const float* p, const T* tables, const T* bias, const Layout& s, T* y) {
   const Vec* blocked = pack(tables, s);
   const Entries e = entries_of(codes, p, s);
-  for_each_share(s.blocks, [&](int64_t b0, int64_t b1) {
+  for_each_share(s.tokens, [&](int64_t first, int64_t last) {
     std::vector<Vec> partial(s.tile * kVecs);
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t b = 0; b < s.blocks; ++b) {
       const Vec* block = blocked + b * s.block_vecs();
       Vec start[kVecs] = {};
       if (bias) load_floats(bias + b * kBlock, s.valid(b), reinterpret_cast<float*>(start));
-      for (int64_t t0 = 0; t0 < s.tokens; t0 += s.tile) {
-        const int64_t t1 = std::min(t0 + s.tile, s.tokens);
+      for (int64_t t0 = first; t0 < last; t0 += s.tile) {
+        const int64_t t1 = std::min(t0 + s.tile, last);
         for (int64_t g0 = 0; g0 < s.chunks; g0 += s.group) {
           const int64_t size = std::min(g0 + s.group, s.chunks) - g0;
           const int32_t* offset = e.offset + e.at(s, g0, t0);
@@ -185,7 +188,7 @@ struct Buckets {
   int32_t* start;                                   // [tiles][K][R + 1]
 
   int64_t base(const Layout& s, int64_t t0, int64_t k) const { return t0 * s.chunks + k * (std::min(t0 + s.tile, s.tokens) - t0); }
-  const int32_t* starts(const Layout& s, int64_t t0, int64_t k) const { return start + ((t0 / s.tile) * s.chunks + k) * (s.rows + 1); }
+  int32_t* starts(const Layout& s, int64_t t0, int64_t k) const { return start + ((t0 / s.tile) * s.chunks + k) * (s.rows + 1); }
 };
 
 Buckets buckets_of(const int16_t* codes, const float* p, const Layout& s) {
@@ -196,7 +199,7 @@ Buckets buckets_of(const int16_t* codes, const float* p, const Layout& s) {
     std::vector<int32_t> next(s.rows);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t0 = (item / s.chunks) * s.tile, k = item % s.chunks, t1 = std::min(t0 + s.tile, s.tokens);
-      int32_t* start = const_cast<int32_t*>(e.starts(s, t0, k));
+      int32_t* start = e.starts(s, t0, k);
       std::fill(start, start + s.rows + 1, 0);
       for (int64_t n = t0; n < t1; ++n) ++start[codes[n * s.chunks + k] + 1];
       for (int64_t r = 0; r < s.rows; ++r) start[r + 1] += start[r];
@@ -276,7 +279,7 @@ void gather_sum_backward_blocked(const T* dy, const int16_t* codes, const float*
 
 at::Tensor gather_sum(const at::Tensor& codes, const at::Tensor& p, const at::Tensor& tables,
                       const std::optional<at::Tensor>& bias) {
-  const Layout s = layout_of(codes, tables, 1);
+  const Layout s = layout_of(codes, tables);
   auto y = at::empty({s.tokens, s.width}, tables.options());
   dispatch(tables.scalar_type(), "gather_sum", [&](auto element) {
     using T = decltype(element);
@@ -289,7 +292,7 @@ at::Tensor gather_sum(const at::Tensor& codes, const at::Tensor& p, const at::Te
 
 std::vector<at::Tensor> gather_sum_backward(const at::Tensor& dy, const at::Tensor& codes, const at::Tensor& p,
                                             const at::Tensor& tables) {
-  const Layout s = layout_of(codes, tables, 2);
+  const Layout s = layout_of(codes, tables);
   auto dtables = at::empty_like(tables);
   auto dp = at::empty({s.tokens, s.chunks}, p.options());
   dispatch(tables.scalar_type(), "gather_sum_backward", [&](auto element) {

@@ -41,7 +41,17 @@ void hash_kernel(const T* x, int64_t tokens, int64_t chunks, int64_t tau, float 
     for (int64_t n = begin; n < end; ++n) {
       const float* z = row_as_floats(x + n * width, width, converted);
       row_exponentials(z, width, scale, e.data());
-      for (int64_t k = 0; k < chunks; ++k) {
+      int64_t k = 0;
+      if (tau == kLanes && !l1) {                    // the paper's tau = 8: one chunk per vector
+        for (; k < chunks; ++k) {
+          const Vec v = load(z + k * kLanes), q = load(e.data() + k * kLanes) + 1.0f;
+          int32_t code = 0;
+          for (int i = 0; i < kLanes; ++i) code |= (v[i] >= 0.0f) << i;
+          codes[n * chunks + k] = static_cast<int16_t>(code);
+          p[n * chunks + k] = 1.0f / (((q[0] * q[1]) * (q[2] * q[3])) * ((q[4] * q[5]) * (q[6] * q[7])));
+        }
+      }
+      for (; k < chunks; ++k) {
         int32_t code = 0;
         float denominator = 1.0f, magnitude = 0.0f;
         for (int64_t i = 0; i < tau; ++i) {

@@ -32,10 +32,21 @@ inline Vec abs(Vec v) {
   return v;
 }
 
+template <int... lanes>
+inline Vec permute(Vec v) {
+#if defined(__clang__)
+  return __builtin_shufflevector(v, v, lanes...);
+#else
+  return __builtin_shuffle(v, IntVec{lanes...});
+#endif
+}
+
+// Sum of the lanes as a tree of three shuffles and adds (a chain of seven scalar adds is twice as long).
 inline float sum(Vec v) {
-  float total = 0.0f;
-  for (int i = 0; i < kLanes; ++i) total += v[i];
-  return total;
+  v += permute<4, 5, 6, 7, 0, 1, 2, 3>(v);
+  v += permute<2, 3, 0, 1, 6, 7, 4, 5>(v);
+  v += permute<1, 0, 3, 2, 5, 4, 7, 6>(v);
+  return v[0];
 }
 
 // exp(-y) for y >= 0, to about 2 ulp: exp(-y) = 2^n e^r with |r| <= ln2/2 and a degree-6 polynomial for e^r

@@ -1,0 +1,64 @@
+"""What only the fused CPU path has: its two gather strategies (rows read in place for a few tokens, a
+column-blocked copy of the tables for many), results that do not depend on the thread count, and the
+dtypes it takes or hands to the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megamem.kernels import get_kernel
+from megamem.kernels.reference import ReferenceKernel
+from tests.kernels.test_fused_kernels import inputs, run
+
+CPU = get_kernel("cpu")
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 255, 256, 2100])
+def test_few_and_many_tokens_match_the_reference(tokens):
+    """Fewer tokens than table rows read rows in place; more use the blocked copy, over more than one token tile
+    (2,048 tokens) and a d_out that leaves the last column block partly empty."""
+    x, tables, bias, dy = inputs(tokens, 8, 5, 70, torch.float32, seed=tokens)
+    ours = run(CPU, x, tables, bias, 8, 1.0, "paper", dy)
+    ref = run(ReferenceKernel, x, tables, bias, 8, 1.0, "paper", dy)
+    for name, a, b in zip(("y", "dx", "dtables", "dbias"), ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=name)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """Every sum has one owner and a fixed order, so one thread and two give the same bits."""
+    x, tables, bias, dy = inputs(600, 8, 6, 40, torch.float32, seed=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(CPU, x, tables, bias, 8, 1.0, "paper", dy)
+        torch.set_num_threads(2)
+        two = run(CPU, x, tables, bias, 8, 1.0, "paper", dy)
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b in zip(("y", "dx", "dtables", "dbias"), one, two):
+        assert torch.equal(a, b), name
+
+
+def test_codes_of_another_kernel_are_accepted():
+    """Q, K and V gather with codes hashed once; those may come from the reference (int64)."""
+    x, tables, bias, _ = inputs(300, 8, 4, 24, torch.float32)
+    codes, p = ReferenceKernel.hash(x, 8, 1.0, "paper")
+    torch.testing.assert_close(CPU.gather_sum(codes, p, tables, bias), ReferenceKernel.gather_sum(codes, p, tables, bias))
+
+
+def test_float64_is_refused_by_name_and_auto_takes_the_reference():
+    x, tables, bias, _ = inputs(40, 4, 3, 8, torch.float64)
+    with pytest.raises(RuntimeError, match="float32, bfloat16, float16.*model.kernel=reference"):
+        CPU.hash_gather_sum(x, tables, bias, 4, 1.0, "paper")
+    auto = get_kernel("auto").hash_gather_sum(x, tables, bias, 4, 1.0, "paper")
+    assert auto.dtype == torch.float64
+    torch.testing.assert_close(auto, ReferenceKernel.hash_gather_sum(x, tables, bias, 4, 1.0, "paper"))
+
+
+def test_float16_matches_an_fp32_reference_to_float16_precision():
+    """float16 in and out, float32 inside: the error is that of rounding results to float16 (2^-11 relative)."""
+    x, tables, bias, dy = inputs(400, 8, 4, 40, torch.float16)
+    ours = run(CPU, x, tables, bias, 8, 1.0, "paper", dy)
+    exact = run(ReferenceKernel, x.float(), tables.float(), bias.float(), 8, 1.0, "paper", dy)
+    for name, a, b in zip(("y", "dx", "dtables", "dbias"), ours, exact):
+        torch.testing.assert_close(a, b, rtol=2**-9, atol=2**-9 * b.abs().max().item(), msg=name)

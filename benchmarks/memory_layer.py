@@ -114,6 +114,8 @@ def main() -> None:
               "copy_bandwidth_gbps": round(bandwidth, 1), "rows": rows, "summary": summary,
               "targets": {"cpu_fwd_speedup_vs_linear": 2.0, "cpu_fwdbwd_speedup_vs_linear": 1.0,
                           "triton_fwdbwd_speedup_vs_reference": 5.0, "triton_bandwidth_fraction": 0.5}}
+    result["targets_met"] = {layer: {key: speedups[key] >= target for key, target in result["targets"].items()
+                                     if key in speedups} for layer, speedups in summary.items()}
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -125,6 +127,8 @@ def main() -> None:
               f"{r['gbps']:>8.1f}{r['bandwidth_fraction']:>9.1%}")
     for layer, speedups in summary.items():
         print(f"{layer}: " + ", ".join(f"{key.replace('_', ' ')} x{value}" for key, value in speedups.items()))
+    for layer, met in result["targets_met"].items():
+        print(f"{layer}: " + ", ".join(f"{key.replace('_', ' ')} {'met' if ok else 'NOT met'}" for key, ok in met.items()))
 
 
 if __name__ == "__main__":

@@ -77,7 +77,9 @@ def test_outputs_metrics_and_tensorboard_tags(shards, tmp_path):
 def test_zero_stages_on_two_ranks_match_one_process(shards, tmp_path):
     """Same global batch (16 = 4 x 4 accumulation on one rank, 4 x 2 accumulation x 2 ranks), fp32: the per-step losses may differ
     only by the order of floating-point sums (gradient all-reduce vs local accumulation), about 1e-7 relative per
-    step, amplified over 10 Adam steps; 1e-4 relative is far below the step-to-step change of the loss (>1e-2)."""
+    step, amplified over 10 Adam steps. The hash amplifies it further: a rounding-level change can send a token to
+    another row (see the export check below), and losses were seen 1.1e-4 apart by step 8. 1e-3 relative is still
+    far below the step-to-step change of the loss (>1e-2), which a wrong gradient reduction would show."""
     batch = ["train.global_batch_size=16", "train.eval_interval=1000"]
     train(shards, tmp_path / "one", *batch, "parallel.zero_stage=0")
     reference = losses(tmp_path / "one")
@@ -86,7 +88,7 @@ def test_zero_stages_on_two_ranks_match_one_process(shards, tmp_path):
         train(shards, tmp_path / f"zero{stage}", *batch, f"parallel.zero_stage={stage}", nproc=2)
         got = losses(tmp_path / f"zero{stage}")
         for step in range(1, 11):
-            assert got[step] == pytest.approx(reference[step], rel=1e-4), (stage, step)
+            assert got[step] == pytest.approx(reference[step], rel=1e-3), (stage, step)
 
     # Export consolidates ZeRO-3 partitions into the same parameters. The hash makes weights-to-codes discontinuous:
     # a rounding-level difference can send one token to another row, and Adam moves a row it touches by about the

@@ -58,7 +58,7 @@ class _Hash(torch.autograd.Function):
         ctx.settings = (tau, temperature, weighting == "l1", x.shape)
         ctx.mark_non_differentiable(codes)
         lead = x.shape[:-1]
-        return codes.reshape(*lead, -1), p.reshape(*lead, -1)
+        return codes.reshape(*lead, codes.shape[-1]), p.reshape(*lead, p.shape[-1])
 
     @staticmethod
     def backward(ctx, _dcodes, dp):

@@ -62,3 +62,11 @@ def test_float16_matches_an_fp32_reference_to_float16_precision():
     exact = run(ReferenceKernel, x.float(), tables.float(), bias.float(), 8, 1.0, "paper", dy)
     for name, a, b in zip(("y", "dx", "dtables", "dbias"), ours, exact):
         torch.testing.assert_close(a, b, rtol=2**-9, atol=2**-9 * b.abs().max().item(), msg=name)
+
+
+def test_an_empty_batch_gives_empty_outputs_and_zero_table_gradients():
+    x, tables, _, _ = inputs(0, 8, 2, 8, torch.float32)
+    x, tables = x.reshape(2, 0, 16).requires_grad_(), tables.requires_grad_()
+    y = CPU.hash_gather_sum(x, tables, None, 8, 1.0, "paper")
+    y.sum().backward()
+    assert y.shape == (2, 0, 8) and x.grad.shape == x.shape and torch.equal(tables.grad, torch.zeros_like(tables))

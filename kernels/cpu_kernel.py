@@ -29,6 +29,7 @@ from megamem.kernels.autograd_kernel import AutogradKernel
 
 SOURCE_DIR = Path(__file__).with_name("cpu")
 SOURCES = sorted(SOURCE_DIR.glob("*.cpp"))
+HEADERS = sorted(SOURCE_DIR.glob("*.h"))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)    # computed in float32 inside; others take the reference
 
 
@@ -42,7 +43,7 @@ def extension():
     flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "") \
         if Path("/proc/cpuinfo").exists() else ""
     digest = hashlib.sha256(flags.encode())
-    for path in sorted(SOURCE_DIR.iterdir()):
+    for path in SOURCES + HEADERS:
         digest.update(path.read_bytes())
     name = "megamem_cpu_memory_layer_" + digest.hexdigest()[:10]
     return load(name=name, sources=[str(path) for path in SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],

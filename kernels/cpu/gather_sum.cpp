@@ -71,17 +71,27 @@ void for_each_share(int64_t count, Work work) {
   });
 }
 
+// One column block of a row (tables, dy, bias) as kVecs vectors of float, zero past the last column.
+template <typename T>
+void load_block(const T* row, const Layout& s, int64_t b, Vec* dst) {
+  float* floats = reinterpret_cast<float*>(dst);
+  load_floats(row + b * kBlock, s.valid(b), floats);
+  std::fill(floats + s.valid(b), floats + kBlock, 0.0f);
+}
+
+// The inverse: the valid columns of one column block into a row, in the row's dtype.
+template <typename T>
+void store_block(const Vec* src, const Layout& s, int64_t b, T* row) {
+  store_floats(reinterpret_cast<const float*>(src), s.valid(b), row + b * kBlock);
+}
+
 // blocked[b][k][r][:] = tables[k, r, column block b] as float, zero past the last column.
 template <typename T>
 const Vec* pack(const T* tables, const Layout& s) {
   Vec* blocked = scratch<Vec>(0, s.blocks * s.block_vecs());
   at::parallel_for(0, s.chunks * s.rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      for (int64_t b = 0; b < s.blocks; ++b) {
-        float* dst = reinterpret_cast<float*>(blocked + (b * s.chunks * s.rows + row) * kVecs);
-        load_floats(tables + row * s.width + b * kBlock, s.valid(b), dst);
-        std::fill(dst + s.valid(b), dst + kBlock, 0.0f);
-      }
+      for (int64_t b = 0; b < s.blocks; ++b) load_block(tables + row * s.width, s, b, blocked + (b * s.chunks * s.rows + row) * kVecs);
     }
   });
   return blocked;
@@ -93,8 +103,7 @@ void unpack(const Vec* blocked, const Layout& s, T* tables) {
   at::parallel_for(0, s.chunks * s.rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       for (int64_t b = 0; b < s.blocks; ++b) {
-        store_floats(reinterpret_cast<const float*>(blocked + (b * s.chunks * s.rows + row) * kVecs),
-                     s.valid(b), tables + row * s.width + b * kBlock);
+        store_block(blocked + (b * s.chunks * s.rows + row) * kVecs, s, b, tables + row * s.width);
       }
     }
   });
@@ -153,7 +162,7 @@ void gather_sum_blocked(const int16_t* codes, const float* p, const T* tables, c
     for (int64_t b = 0; b < s.blocks; ++b) {
       const Vec* block = blocked + b * s.block_vecs();
       Vec start[kVecs] = {};
-      if (bias) load_floats(bias + b * kBlock, s.valid(b), reinterpret_cast<float*>(start));
+      if (bias) load_block(bias, s, b, start);
       for (int64_t t0 = first; t0 < last; t0 += s.tile) {
         const int64_t t1 = std::min(t0 + s.tile, last);
         for (int64_t g0 = 0; g0 < s.chunks; g0 += s.group) {
@@ -169,7 +178,7 @@ void gather_sum_blocked(const int16_t* codes, const float* p, const T* tables, c
               for (int v = 0; v < kVecs; ++v) acc[v] += pk[k] * row[v];
             }
             if (g0 + size == s.chunks) {
-              store_floats(reinterpret_cast<const float*>(acc), s.valid(b), y + n * s.width + b * kBlock);
+              store_block(acc, s, b, y + n * s.width);
             } else {
               for (int v = 0; v < kVecs; ++v) saved[v] = acc[v];
             }
@@ -233,14 +242,9 @@ void gather_sum_backward_blocked(const T* dy, const int16_t* codes, const float*
   for_each_share(s.chunks, [&](int64_t k0, int64_t k1) {
     std::vector<Vec> dy_tile(s.tile * kVecs);
     for (int64_t b = 0; b < s.blocks; ++b) {
-      const int64_t valid = s.valid(b);
       for (int64_t t0 = 0; t0 < s.tokens; t0 += s.tile) {
         const int64_t t1 = std::min(t0 + s.tile, s.tokens);
-        for (int64_t n = t0; n < t1; ++n) {
-          float* dst = reinterpret_cast<float*>(dy_tile.data() + (n - t0) * kVecs);
-          load_floats(dy + n * s.width + b * kBlock, valid, dst);
-          std::fill(dst + valid, dst + kBlock, 0.0f);
-        }
+        for (int64_t n = t0; n < t1; ++n) load_block(dy + n * s.width, s, b, dy_tile.data() + (n - t0) * kVecs);
         for (int64_t k = k0; k < k1; ++k) {
           const int32_t* start = e.starts(s, t0, k);
           const int64_t base = e.base(s, t0, k);

@@ -151,37 +151,70 @@ void gather_sum_in_place(const int16_t* codes, const float* p, const T* tables, 
   });
 }
 
+// Brings `bytes` at `start` into L2 a slice per call over `steps` calls: the tables of the next step arrive in
+// sequence while the current step is worked, instead of as random misses when its first tokens look up rows.
+class StreamAhead {
+ public:
+  StreamAhead(const void* start, int64_t bytes, int64_t steps)
+      : next_(static_cast<const char*>(start)), end_(next_ + bytes), stride_((bytes / steps / 64 + 1) * 64) {}
+
+  void step() {
+    for (const char* stop = std::min(next_ + stride_, end_); next_ < stop; next_ += 64) __builtin_prefetch(next_, 0, 2);
+  }
+
+ private:
+  const char* next_;
+  const char* end_;
+  int64_t stride_;
+};
+
 // y[n, :] = bias + sum_k p[n, k] tables[k, codes[n, k], :]. A thread owns a range of tokens, so it alone writes
-// (and page-faults) its rows of y; the two threads walk the column blocks in step and share each block in L3.
+// (and page-faults) its rows of y. Per tile of its tokens it takes steps (column block, group of tables), column
+// block outer: the tile's index entries stay in cache across the column blocks, and each step's tables are read
+// from memory once per tile. While token n is summed, the rows of token n + kAhead are fetched from L2 into L1,
+// and the next step's tables are streamed into L2.
 template <typename T>
 void gather_sum_blocked(const int16_t* codes, const float* p, const T* tables, const T* bias, const Layout& s, T* y) {
+  constexpr int64_t kAhead = 8;
   const Vec* blocked = pack(tables, s);
   const Entries e = entries_of(codes, p, s);
+  const int64_t groups = (s.chunks + s.group - 1) / s.group, steps = s.blocks * groups;
+  const auto tables_of = [&](int64_t step) {
+    return blocked + (step / groups) * s.block_vecs() + (step % groups) * s.group * s.rows * kVecs;
+  };
+  const auto size_of = [&](int64_t step) { return std::min(s.group, s.chunks - (step % groups) * s.group); };
   for_each_share(s.tokens, [&](int64_t first, int64_t last) {
     std::vector<Vec> partial(s.tile * kVecs);
-    for (int64_t b = 0; b < s.blocks; ++b) {
-      const Vec* block = blocked + b * s.block_vecs();
-      Vec start[kVecs] = {};
-      if (bias) load_block(bias, s, b, start);
-      for (int64_t t0 = first; t0 < last; t0 += s.tile) {
-        const int64_t t1 = std::min(t0 + s.tile, last);
-        for (int64_t g0 = 0; g0 < s.chunks; g0 += s.group) {
-          const int64_t size = std::min(g0 + s.group, s.chunks) - g0;
-          const int32_t* offset = e.offset + e.at(s, g0, t0);
-          const float* pk = e.p + e.at(s, g0, t0);
-          for (int64_t n = t0; n < t1; ++n, offset += size, pk += size) {
-            Vec acc[kVecs];
-            Vec* saved = partial.data() + (n - t0) * kVecs;
-            for (int v = 0; v < kVecs; ++v) acc[v] = g0 == 0 ? start[v] : saved[v];
+    for (int64_t t0 = first; t0 < last; t0 += s.tile) {
+      const int64_t t1 = std::min(t0 + s.tile, last);
+      for (int64_t step = 0; step < steps; ++step) {
+        const int64_t b = step / groups, g0 = (step % groups) * s.group, size = size_of(step);
+        const int64_t next = (step + 1) % steps;
+        StreamAhead stream(tables_of(next), step + 1 < steps || t1 < last ? size_of(next) * s.rows * kRowBytes : 0, t1 - t0);
+        const Vec* block = blocked + b * s.block_vecs();
+        Vec start[kVecs] = {};
+        if (bias && g0 == 0) load_block(bias, s, b, start);
+        const int32_t* offset = e.offset + e.at(s, g0, t0);
+        const float* pk = e.p + e.at(s, g0, t0);
+        for (int64_t n = t0; n < t1; ++n, offset += size, pk += size) {
+          if (n + kAhead < t1) {
             for (int64_t k = 0; k < size; ++k) {
-              const Vec* row = block + offset[k];
-              for (int v = 0; v < kVecs; ++v) acc[v] += pk[k] * row[v];
+              const char* row = reinterpret_cast<const char*>(block + offset[k + kAhead * size]);
+              for (int64_t line = 0; line < kRowBytes; line += 64) __builtin_prefetch(row + line, 0, 3);
             }
-            if (g0 + size == s.chunks) {
-              store_block(acc, s, b, y + n * s.width);
-            } else {
-              for (int v = 0; v < kVecs; ++v) saved[v] = acc[v];
-            }
+          }
+          stream.step();
+          Vec acc[kVecs];
+          Vec* saved = partial.data() + (n - t0) * kVecs;
+          for (int v = 0; v < kVecs; ++v) acc[v] = g0 == 0 ? start[v] : saved[v];
+          for (int64_t k = 0; k < size; ++k) {
+            const Vec* row = block + offset[k];
+            for (int v = 0; v < kVecs; ++v) acc[v] += pk[k] * row[v];
+          }
+          if (g0 + size == s.chunks) {
+            store_block(acc, s, b, y + n * s.width);
+          } else {
+            for (int v = 0; v < kVecs; ++v) saved[v] = acc[v];
           }
         }
       }

@@ -168,14 +168,45 @@ class StreamAhead {
   int64_t stride_;
 };
 
+// One step of the forward for tokens [t0, t1): acc = (first group ? bias : saved partial sums) + the group's
+// weighted rows, written to y after the last group and to the partial sums before it. The group size is a
+// template argument for the common sizes (the loops over tables unroll into straight-line code) and
+// `runtime_size` otherwise.
+template <int kSize, typename T>
+void sum_group(const Vec* block, const int32_t* offset, const float* pk, int64_t runtime_size, int64_t t0, int64_t t1,
+               const Vec* start, Vec* partial, StreamAhead& stream, const Layout& s, int64_t b, T* y) {
+  constexpr int64_t kAhead = 8;
+  const int64_t size = kSize > 0 ? kSize : runtime_size;
+  for (int64_t n = t0; n < t1; ++n, offset += size, pk += size) {
+    if (n + kAhead < t1) {
+      for (int64_t k = 0; k < size; ++k) {
+        const char* row = reinterpret_cast<const char*>(block + offset[k + kAhead * size]);
+        for (int64_t line = 0; line < kRowBytes; line += 64) __builtin_prefetch(row + line, 0, 3);
+      }
+    }
+    stream.step();
+    Vec acc[kVecs];
+    Vec* saved = partial + (n - t0) * kVecs;
+    for (int v = 0; v < kVecs; ++v) acc[v] = start ? start[v] : saved[v];
+    for (int64_t k = 0; k < size; ++k) {
+      const Vec* row = block + offset[k];
+      for (int v = 0; v < kVecs; ++v) acc[v] += pk[k] * row[v];
+    }
+    if (y) {
+      store_block(acc, s, b, y + n * s.width);
+    } else {
+      for (int v = 0; v < kVecs; ++v) saved[v] = acc[v];
+    }
+  }
+}
+
 // y[n, :] = bias + sum_k p[n, k] tables[k, codes[n, k], :]. A thread owns a range of tokens, so it alone writes
 // (and page-faults) its rows of y. Per tile of its tokens it takes steps (column block, group of tables), column
 // block outer: the tile's index entries stay in cache across the column blocks, and each step's tables are read
-// from memory once per tile. While token n is summed, the rows of token n + kAhead are fetched from L2 into L1,
-// and the next step's tables are streamed into L2.
+// from memory once per tile. While token n is summed, the rows of token n + 8 are fetched from L2 into L1, and
+// the next step's tables are streamed into L2.
 template <typename T>
 void gather_sum_blocked(const int16_t* codes, const float* p, const T* tables, const T* bias, const Layout& s, T* y) {
-  constexpr int64_t kAhead = 8;
   const Vec* blocked = pack(tables, s);
   const Entries e = entries_of(codes, p, s);
   const int64_t groups = (s.chunks + s.group - 1) / s.group, steps = s.blocks * groups;
@@ -191,32 +222,11 @@ void gather_sum_blocked(const int16_t* codes, const float* p, const T* tables, c
         const int64_t b = step / groups, g0 = (step % groups) * s.group, size = size_of(step);
         const int64_t next = (step + 1) % steps;
         StreamAhead stream(tables_of(next), step + 1 < steps || t1 < last ? size_of(next) * s.rows * kRowBytes : 0, t1 - t0);
-        const Vec* block = blocked + b * s.block_vecs();
         Vec start[kVecs] = {};
         if (bias && g0 == 0) load_block(bias, s, b, start);
-        const int32_t* offset = e.offset + e.at(s, g0, t0);
-        const float* pk = e.p + e.at(s, g0, t0);
-        for (int64_t n = t0; n < t1; ++n, offset += size, pk += size) {
-          if (n + kAhead < t1) {
-            for (int64_t k = 0; k < size; ++k) {
-              const char* row = reinterpret_cast<const char*>(block + offset[k + kAhead * size]);
-              for (int64_t line = 0; line < kRowBytes; line += 64) __builtin_prefetch(row + line, 0, 3);
-            }
-          }
-          stream.step();
-          Vec acc[kVecs];
-          Vec* saved = partial.data() + (n - t0) * kVecs;
-          for (int v = 0; v < kVecs; ++v) acc[v] = g0 == 0 ? start[v] : saved[v];
-          for (int64_t k = 0; k < size; ++k) {
-            const Vec* row = block + offset[k];
-            for (int v = 0; v < kVecs; ++v) acc[v] += pk[k] * row[v];
-          }
-          if (g0 + size == s.chunks) {
-            store_block(acc, s, b, y + n * s.width);
-          } else {
-            for (int v = 0; v < kVecs; ++v) saved[v] = acc[v];
-          }
-        }
+        const auto run = size == 4 ? sum_group<4, T> : size == 2 ? sum_group<2, T> : size == 1 ? sum_group<1, T> : sum_group<0, T>;
+        run(blocked + b * s.block_vecs(), e.offset + e.at(s, g0, t0), e.p + e.at(s, g0, t0), size, t0, t1,
+            g0 == 0 ? start : nullptr, partial.data(), stream, s, b, g0 + size == s.chunks ? y : nullptr);
       }
     }
   });

@@ -97,18 +97,6 @@ const Vec* pack(const T* tables, const Layout& s) {
   return blocked;
 }
 
-// tables[k, r, :] = blocked[b][k][r][:] over the column blocks, in the tables' dtype.
-template <typename T>
-void unpack(const Vec* blocked, const Layout& s, T* tables) {
-  at::parallel_for(0, s.chunks * s.rows, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      for (int64_t b = 0; b < s.blocks; ++b) {
-        store_block(blocked + (b * s.chunks * s.rows + row) * kVecs, s, b, tables + row * s.width);
-      }
-    }
-  });
-}
-
 // Each token's (row offset in a column block, p) for its tables, laid out group by group ([group][N][tables in it]),
 // so that a pass over one group reads them in sequence.
 struct Entries {
@@ -276,28 +264,26 @@ void gather_sum_backward_blocked(const T* dy, const int16_t* codes, const float*
                                  T* dtables, float* dp) {
   const Vec* blocked = pack(tables, s);
   const Buckets e = buckets_of(codes, p, s);
-  Vec* grad = scratch<Vec>(3, s.blocks * s.block_vecs());
+  Vec* grad = scratch<Vec>(3, s.blocks * s.block_vecs());         // the gradient between tiles, blocked
   float* dp_sorted = scratch<float>(4, s.tokens * s.chunks);      // dp laid out as the buckets
-  at::parallel_for(0, s.blocks * s.block_vecs(), 1 << 16, [&](int64_t begin, int64_t end) {
-    std::fill(grad + begin, grad + end, Vec{});
-  });
   std::fill(dp_sorted, dp_sorted + s.tokens * s.chunks, 0.0f);
   for_each_share(s.chunks, [&](int64_t k0, int64_t k1) {
     std::vector<Vec> dy_tile(s.tile * kVecs);
     for (int64_t b = 0; b < s.blocks; ++b) {
       for (int64_t t0 = 0; t0 < s.tokens; t0 += s.tile) {
         const int64_t t1 = std::min(t0 + s.tile, s.tokens);
+        const bool first = t0 == 0, last = t1 == s.tokens;
         for (int64_t n = t0; n < t1; ++n) load_block(dy + n * s.width, s, b, dy_tile.data() + (n - t0) * kVecs);
         for (int64_t k = k0; k < k1; ++k) {
           const int32_t* start = e.starts(s, t0, k);
           const int64_t base = e.base(s, t0, k);
           for (int64_t r = 0; r < s.rows; ++r) {
-            if (start[r] == start[r + 1]) continue;
             const int64_t at = b * s.block_vecs() + (k * s.rows + r) * kVecs;
+            if (start[r] == start[r + 1] && !first && !last) continue;
             Vec row[kVecs], acc[kVecs];
             for (int v = 0; v < kVecs; ++v) {
               row[v] = blocked[at + v];
-              acc[v] = grad[at + v];
+              acc[v] = first ? Vec{} : grad[at + v];
             }
             for (int64_t i = base + start[r]; i < base + start[r + 1]; ++i) {
               const Vec* d = dy_tile.data() + (e.token[i] - t0) * kVecs;
@@ -306,13 +292,16 @@ void gather_sum_backward_blocked(const T* dy, const int16_t* codes, const float*
               dp_sorted[i] += sum(dot);
               for (int v = 0; v < kVecs; ++v) acc[v] += e.p[i] * d[v];
             }
-            for (int v = 0; v < kVecs; ++v) grad[at + v] = acc[v];
+            if (last) {
+              store_block(acc, s, b, dtables + (k * s.rows + r) * s.width);
+            } else {
+              for (int v = 0; v < kVecs; ++v) grad[at + v] = acc[v];
+            }
           }
         }
       }
     }
   });
-  unpack(grad, s, dtables);
   const int64_t tiles = (s.tokens + s.tile - 1) / s.tile;
   at::parallel_for(0, tiles * s.chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
@@ -340,8 +329,9 @@ at::Tensor gather_sum(const at::Tensor& codes, const at::Tensor& p, const at::Te
 std::vector<at::Tensor> gather_sum_backward(const at::Tensor& dy, const at::Tensor& codes, const at::Tensor& p,
                                             const at::Tensor& tables) {
   const Layout s = layout_of(codes, tables);
-  auto dtables = at::empty_like(tables);
   auto dp = at::empty({s.tokens, s.chunks}, p.options());
+  if (s.tokens == 0) return {at::zeros_like(tables), dp};     // the kernel writes table gradients on its last tile
+  auto dtables = at::empty_like(tables);
   dispatch(tables.scalar_type(), "gather_sum_backward", [&](auto element) {
     using T = decltype(element);
     gather_sum_backward_blocked<T>(dy.data_ptr<T>(), codes.data_ptr<int16_t>(), p.data_ptr<float>(),

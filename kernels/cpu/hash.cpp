@@ -42,13 +42,17 @@ void hash_kernel(const T* x, int64_t tokens, int64_t chunks, int64_t tau, float 
       const float* z = row_as_floats(x + n * width, width, converted);
       row_exponentials(z, width, scale, e.data());
       int64_t k = 0;
-      if (tau == kLanes && !l1) {                    // the paper's tau = 8: one chunk per vector
-        for (; k < chunks; ++k) {
-          const Vec v = load(z + k * kLanes), q = load(e.data() + k * kLanes) + 1.0f;
-          int32_t code = 0;
-          for (int i = 0; i < kLanes; ++i) code |= (v[i] >= 0.0f) << i;
-          codes[n * chunks + k] = static_cast<int16_t>(code);
-          p[n * chunks + k] = 1.0f / (((q[0] * q[1]) * (q[2] * q[3])) * ((q[4] * q[5]) * (q[6] * q[7])));
+      if (tau == kLanes && !l1) {                    // the paper's tau = 8: one chunk per vector, eight chunks at once
+        const Vec bit = {1, 2, 4, 8, 16, 32, 64, 128};
+        for (; k + kLanes <= chunks; k += kLanes) {
+          Vec bits[kLanes], q[kLanes];
+          for (int j = 0; j < kLanes; ++j) {
+            bits[j] = load(z + (k + j) * kLanes) >= 0.0f ? bit : splat(0.0f);
+            q[j] = load(e.data() + (k + j) * kLanes) + 1.0f;
+          }
+          const Vec code = reduce_eight(bits, [](Vec a, Vec b) { return a + b; });      // exact: integers below 256
+          store(p + n * chunks + k, 1.0f / reduce_eight(q, [](Vec a, Vec b) { return a * b; }));
+          for (int j = 0; j < kLanes; ++j) codes[n * chunks + k + j] = static_cast<int16_t>(code[j]);
         }
       }
       for (; k < chunks; ++k) {

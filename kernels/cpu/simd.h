@@ -42,6 +42,34 @@ inline Vec permute(Vec v) {
 #endif
 }
 
+// Lanes of a and b (a's are 0-7, b's 8-15) in the order given.
+template <int... lanes>
+inline Vec shuffle(Vec a, Vec b) {
+#if defined(__clang__)
+  return __builtin_shufflevector(a, b, lanes...);
+#else
+  return __builtin_shuffle(a, b, IntVec{lanes...});
+#endif
+}
+
+// Lane j of the result is op over the lanes of v[j], for eight vectors at once: three levels of pairwise
+// shuffles (15 in all) instead of eight separate lane trees and their scalar extractions.
+template <typename Op>
+inline Vec reduce_eight(const Vec* v, Op op) {
+  Vec half[4], quarter[2];
+  for (int i = 0; i < 4; ++i) {
+    half[i] = op(shuffle<0, 1, 2, 3, 8, 9, 10, 11>(v[2 * i], v[2 * i + 1]),
+                 shuffle<4, 5, 6, 7, 12, 13, 14, 15>(v[2 * i], v[2 * i + 1]));      // v[2i] in 0-3, v[2i+1] in 4-7
+  }
+  for (int i = 0; i < 2; ++i) {
+    quarter[i] = op(shuffle<0, 1, 8, 9, 4, 5, 12, 13>(half[2 * i], half[2 * i + 1]),
+                    shuffle<2, 3, 10, 11, 6, 7, 14, 15>(half[2 * i], half[2 * i + 1]));  // v[4i], v[4i+2], v[4i+1], v[4i+3]
+  }
+  const Vec whole = op(shuffle<0, 8, 2, 10, 4, 12, 6, 14>(quarter[0], quarter[1]),
+                       shuffle<1, 9, 3, 11, 5, 13, 7, 15>(quarter[0], quarter[1]));   // v[0], v[4], v[2], v[6], v[1], ...
+  return permute<0, 4, 2, 6, 1, 5, 3, 7>(whole);
+}
+
 // Sum of the lanes as a tree of three shuffles and adds (a chain of seven scalar adds is twice as long).
 inline float sum(Vec v) {
   v += permute<4, 5, 6, 7, 0, 1, 2, 3>(v);

@@ -4,11 +4,14 @@
 // Tables are walked in column blocks of kBlock floats, copied once per call into a contiguous float layout
 // [block][table][row][kBlock] (the tables' own rows sit 4 D bytes apart, a power of two that maps a column
 // slice onto a few cache sets).
-//   forward: a thread owns a range of tokens; per column block, tokens stream over a group of tables whose
-//            block fits in L2, keeping a tile of partial sums beside it, so each row read is an L2 hit.
+//   forward: a thread owns a range of tokens; per tile of them and column block, tokens stream over a group of
+//            tables whose block fits in L2, keeping the tile's partial sums beside it, so each row read is an L2
+//            hit. Software prefetches hide what the hardware cannot predict: a token's rows (L2 -> L1, a few
+//            tokens ahead) and the next group's block (memory -> L2, a slice per token).
 //   backward: per tile of tokens and table, tokens are bucketed by code; a row and its gradient stay in
 //            registers while the tokens that chose it stream past, so each token and table costs one read of
-//            dy instead of a row read plus a read and a write of its gradient. A thread owns whole tables.
+//            dy instead of a row read plus a read and a write of its gradient. A thread owns whole tables; the
+//            last tile writes the gradient straight into the tables' layout.
 // No atomics: every value has one writer, and every sum runs in a fixed order (tables ascending, tokens
 // ascending, column blocks ascending) whatever the thread count, so results are bit-identical run to run and
 // across thread counts.

@@ -12,21 +12,17 @@ fwdbwd_ms, gbps, ...} and a table.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import time
+from pathlib import Path
 
-# Large CPU tensors on transparent huge pages, as `megamem train` runs CPU ranks: torch reads this at its first
-# allocation, so it is set before anything is imported. A fresh 32 MB tensor page-faults 8,192 times otherwise.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-
-from megamem.config import load_config  # noqa: E402
-from megamem.kernels import get_kernel  # noqa: E402
+from megamem.config import load_config
+from megamem.kernels import get_kernel
+from megamem.training.huge_pages import prefer_huge_pages
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {"tiny": "memoryformer-tiny", "small": "memoryformer-small", "base": "memoryformer-base"}
@@ -106,6 +102,7 @@ def measure(impls: list[str], d_in: int, d_out: int, bits: int, tokens: int, dev
 
 
 def main() -> None:
+    prefer_huge_pages()                                # as training runs; before the first tensor is allocated
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--tokens", type=int, default=16384)

@@ -11,6 +11,7 @@ import sys
 
 from megamem.cli import export, flops, plan, preprocess, train, train_tokenizer
 from megamem.errors import MegamemError
+from megamem.training.huge_pages import prefer_huge_pages
 
 COMMANDS = (preprocess, train_tokenizer, train, export, flops, plan)
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prefer_huge_pages()
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -72,8 +72,6 @@ def _launch(args: argparse.Namespace, config) -> int:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
-        # Table gradients are fresh tensors of tens of MB every step; on huge pages they fault 512x less often.
-        env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     before = complete_checkpoints(Path(config.run.dir))
     child = subprocess.Popen(command, env=env)
     stopped = []

@@ -126,7 +126,9 @@ def run_training(config, resume: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     from megamem.config import load_config
     from megamem.errors import MegamemError
+    from megamem.training.huge_pages import prefer_huge_pages
 
+    prefer_huge_pages()
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)

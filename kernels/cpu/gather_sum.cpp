@@ -32,6 +32,7 @@ constexpr int64_t kBlock = kVecs * kLanes;        // floats per column block: tw
 constexpr int64_t kRowBytes = kBlock * sizeof(float);
 constexpr int64_t kGroupBytes = 128 * 1024;       // a group's block of the tables: a quarter of a 512 KB L2
 constexpr int64_t kTileBytes = 256 * 1024;        // a tile's partial sums (or block of dy) beside it
+constexpr int64_t kAhead = 8;                     // tokens between fetching a token's rows into L1 and using them
 
 struct Layout {
   int64_t tokens, chunks, rows, width, blocks, group, tile;
@@ -166,7 +167,6 @@ class StreamAhead {
 template <int kSize, typename T>
 void sum_group(const Vec* block, const int32_t* offset, const float* pk, int64_t runtime_size, int64_t t0, int64_t t1,
                const Vec* start, Vec* partial, StreamAhead& stream, const Layout& s, int64_t b, T* y) {
-  constexpr int64_t kAhead = 8;
   const int64_t size = kSize > 0 ? kSize : runtime_size;
   for (int64_t n = t0; n < t1; ++n, offset += size, pk += size) {
     if (n + kAhead < t1) {
@@ -194,7 +194,7 @@ void sum_group(const Vec* block, const int32_t* offset, const float* pk, int64_t
 // y[n, :] = bias + sum_k p[n, k] tables[k, codes[n, k], :]. A thread owns a range of tokens, so it alone writes
 // (and page-faults) its rows of y. Per tile of its tokens it takes steps (column block, group of tables), column
 // block outer: the tile's index entries stay in cache across the column blocks, and each step's tables are read
-// from memory once per tile. While token n is summed, the rows of token n + 8 are fetched from L2 into L1, and
+// from memory once per tile. While token n is summed, the rows of token n + kAhead are fetched from L2 into L1, and
 // the next step's tables are streamed into L2.
 template <typename T>
 void gather_sum_blocked(const int16_t* codes, const float* p, const T* tables, const T* bias, const Layout& s, T* y) {

@@ -33,15 +33,6 @@ inline Vec abs(Vec v) {
   return v;
 }
 
-template <int... lanes>
-inline Vec permute(Vec v) {
-#if defined(__clang__)
-  return __builtin_shufflevector(v, v, lanes...);
-#else
-  return __builtin_shuffle(v, IntVec{lanes...});
-#endif
-}
-
 // Lanes of a and b (a's are 0-7, b's 8-15) in the order given.
 template <int... lanes>
 inline Vec shuffle(Vec a, Vec b) {
@@ -51,6 +42,9 @@ inline Vec shuffle(Vec a, Vec b) {
   return __builtin_shuffle(a, b, IntVec{lanes...});
 #endif
 }
+
+template <int... lanes>
+inline Vec permute(Vec v) { return shuffle<lanes...>(v, v); }
 
 // Lane j of the result is op over the lanes of v[j], for eight vectors at once: three levels of pairwise
 // shuffles (15 in all) instead of eight separate lane trees and their scalar extractions.

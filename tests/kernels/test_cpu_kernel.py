@@ -70,3 +70,13 @@ def test_an_empty_batch_gives_empty_outputs_and_zero_table_gradients():
     y = CPU.hash_gather_sum(x, tables, None, 8, 1.0, "paper")
     y.sum().backward()
     assert y.shape == (2, 0, 8) and x.grad.shape == x.shape and torch.equal(tables.grad, torch.zeros_like(tables))
+
+
+def test_tau_8_hashes_eight_chunks_at_once_and_the_rest_one_by_one():
+    """11 chunks: one group of eight reduced together, three left over; zeros of both signs count as >= 0."""
+    x, _, _, _ = inputs(50, 8, 11, 8, torch.float32, seed=3)
+    x[0, :8], x[1, 3], x[2, 85] = -0.0, 0.0, -0.0
+    codes, p = CPU.hash(x, 8, 1.0, "paper")
+    ref_codes, ref_p = ReferenceKernel.hash(x, 8, 1.0, "paper")
+    assert torch.equal(codes.long(), ref_codes.long()) and codes[0, 0] == 255
+    torch.testing.assert_close(p, ref_p, rtol=1e-6, atol=0)

@@ -5,13 +5,17 @@
 // [block][table][row][kBlock] (the tables' own rows sit 4 D bytes apart, a power of two that maps a column
 // slice onto a few cache sets).
 //   forward: a thread owns a range of tokens; per tile of them and column block, tokens stream over a group of
-//            tables whose block fits in L2, keeping the tile's partial sums beside it, so each row read is an L2
-//            hit. Software prefetches hide what the hardware cannot predict: a token's rows (L2 -> L1, a few
-//            tokens ahead) and the next group's block (memory -> L2, a slice per token).
+//            up to four tables whose block fits in L2, reading and writing the tile's partial sums once per
+//            group. A tile is the thread's whole range up to 16k tokens: the tables then come from memory once
+//            per thread, and that outweighs partial sums that spill from L2 (8k tokens, tables of 1024 rows:
+//            51 -> 32 ms against 2k-token tiles). Software prefetches hide what the hardware cannot predict: a
+//            token's rows (L2 -> L1, a few tokens ahead) and the next group's block (memory -> L2, a slice per
+//            token).
 //   backward: per tile of tokens and table, tokens are bucketed by code; a row and its gradient stay in
 //            registers while the tokens that chose it stream past, so each token and table costs one read of
 //            dy instead of a row read plus a read and a write of its gradient. A thread owns whole tables; the
-//            last tile writes the gradient straight into the tables' layout.
+//            last tile writes the gradient straight into the tables' layout, and with one tile (up to 16k
+//            tokens) that is the only write.
 // No atomics: every value has one writer, and every sum runs in a fixed order (tables ascending, tokens
 // ascending, column blocks ascending) whatever the thread count, so results are bit-identical run to run and
 // across thread counts.
@@ -30,8 +34,9 @@ namespace {
 constexpr int kVecs = 4;                          // vectors per column block
 constexpr int64_t kBlock = kVecs * kLanes;        // floats per column block: two 64-byte cache lines
 constexpr int64_t kRowBytes = kBlock * sizeof(float);
-constexpr int64_t kGroupBytes = 128 * 1024;       // a group's block of the tables: a quarter of a 512 KB L2
-constexpr int64_t kTileBytes = 256 * 1024;        // a tile's partial sums (or block of dy) beside it
+constexpr int64_t kGroupTables = 4;               // tables summed per pass over a tile's partial sums,
+constexpr int64_t kGroupBytes = 512 * 1024;       // fewer where four tables' block would outgrow a 512 KB L2
+constexpr int64_t kTileBytes = 2048 * 1024;       // a tile's partial sums (or block of dy): 16k tokens
 constexpr int64_t kAhead = 8;                     // tokens between fetching a token's rows into L1 and using them
 
 struct Layout {
@@ -43,7 +48,7 @@ struct Layout {
 
 Layout layout_of(const at::Tensor& codes, const at::Tensor& tables) {
   const int64_t chunks = tables.size(0), rows = tables.size(1), width = tables.size(2);
-  const int64_t group = std::clamp<int64_t>(kGroupBytes / (rows * kRowBytes), 1, chunks);
+  const int64_t group = std::clamp<int64_t>(kGroupBytes / (rows * kRowBytes), 1, std::min(kGroupTables, chunks));
   return {codes.size(0), chunks, rows, width, (width + kBlock - 1) / kBlock, group, kTileBytes / kRowBytes};
 }
 
@@ -206,7 +211,7 @@ void gather_sum_blocked(const int16_t* codes, const float* p, const T* tables, c
   };
   const auto size_of = [&](int64_t step) { return std::min(s.group, s.chunks - (step % groups) * s.group); };
   for_each_share(s.tokens, [&](int64_t first, int64_t last) {
-    std::vector<Vec> partial(s.tile * kVecs);
+    Vec* partial = scratch<Vec>(6, std::min(s.tile, last - first) * kVecs);
     for (int64_t t0 = first; t0 < last; t0 += s.tile) {
       const int64_t t1 = std::min(t0 + s.tile, last);
       for (int64_t step = 0; step < steps; ++step) {
@@ -217,7 +222,7 @@ void gather_sum_blocked(const int16_t* codes, const float* p, const T* tables, c
         if (bias && g0 == 0) load_block(bias, s, b, start);
         const auto run = size == 4 ? sum_group<4, T> : size == 2 ? sum_group<2, T> : size == 1 ? sum_group<1, T> : sum_group<0, T>;
         run(blocked + b * s.block_vecs(), e.offset + e.at(s, g0, t0), e.p + e.at(s, g0, t0), size, t0, t1,
-            g0 == 0 ? start : nullptr, partial.data(), stream, s, b, g0 + size == s.chunks ? y : nullptr);
+            g0 == 0 ? start : nullptr, partial, stream, s, b, g0 + size == s.chunks ? y : nullptr);
       }
     }
   });
@@ -271,12 +276,12 @@ void gather_sum_backward_blocked(const T* dy, const int16_t* codes, const float*
   float* dp_sorted = scratch<float>(4, s.tokens * s.chunks);      // dp laid out as the buckets
   std::fill(dp_sorted, dp_sorted + s.tokens * s.chunks, 0.0f);
   for_each_share(s.chunks, [&](int64_t k0, int64_t k1) {
-    std::vector<Vec> dy_tile(s.tile * kVecs);
+    Vec* dy_tile = scratch<Vec>(6, std::min(s.tile, s.tokens) * kVecs);
     for (int64_t b = 0; b < s.blocks; ++b) {
       for (int64_t t0 = 0; t0 < s.tokens; t0 += s.tile) {
         const int64_t t1 = std::min(t0 + s.tile, s.tokens);
         const bool first = t0 == 0, last = t1 == s.tokens;
-        for (int64_t n = t0; n < t1; ++n) load_block(dy + n * s.width, s, b, dy_tile.data() + (n - t0) * kVecs);
+        for (int64_t n = t0; n < t1; ++n) load_block(dy + n * s.width, s, b, dy_tile + (n - t0) * kVecs);
         for (int64_t k = k0; k < k1; ++k) {
           const int32_t* start = e.starts(s, t0, k);
           const int64_t base = e.base(s, t0, k);
@@ -289,7 +294,7 @@ void gather_sum_backward_blocked(const T* dy, const int16_t* codes, const float*
               acc[v] = first ? Vec{} : grad[at + v];
             }
             for (int64_t i = base + start[r]; i < base + start[r + 1]; ++i) {
-              const Vec* d = dy_tile.data() + (e.token[i] - t0) * kVecs;
+              const Vec* d = dy_tile + (e.token[i] - t0) * kVecs;
               Vec dot = row[0] * d[0];
               for (int v = 1; v < kVecs; ++v) dot += row[v] * d[v];
               dp_sorted[i] += sum(dot);

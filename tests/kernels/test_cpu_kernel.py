@@ -13,10 +13,11 @@ from tests.kernels.test_fused_kernels import inputs, run
 CPU = get_kernel("cpu")
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 255, 256, 2100])
+@pytest.mark.parametrize("tokens", [1, 7, 255, 256, 2100, 33000])
 def test_few_and_many_tokens_match_the_reference(tokens):
-    """Fewer tokens than table rows read rows in place; more use the blocked copy, over more than one token tile
-    (2,048 tokens) and a d_out that leaves the last column block partly empty."""
+    """Fewer tokens than table rows read rows in place; more use the blocked copy, with a d_out that leaves the
+    last column block partly empty. 33,000 tokens span three token tiles of 16,384 in the backward and two per
+    thread in the forward with two threads."""
     x, tables, bias, dy = inputs(tokens, 8, 5, 70, torch.float32, seed=tokens)
     ours = run(CPU, x, tables, bias, 8, 1.0, "paper", dy)
     ref = run(ReferenceKernel, x, tables, bias, 8, 1.0, "paper", dy)

@@ -52,12 +52,16 @@ Layout layout_of(const at::Tensor& codes, const at::Tensor& tables) {
   return {codes.size(0), chunks, rows, width, (width + kBlock - 1) / kBlock, group, kTileBytes / kRowBytes};
 }
 
-// Buffers kept between calls, one set per calling thread: allocating (and page-faulting) tens of megabytes
-// per call would cost as much as the gather itself. A buffer grows to the largest layer it has served.
+// What each kept buffer holds; forward and backward share the slots of the same role.
+enum Slot { kBlocked, kIndex, kWeight, kGradient, kSortedDp, kBucketStarts, kTile, kSlots };
+
+// Buffers kept between calls, one set per thread (the calling thread's for whole-call buffers, each worker's for
+// its tile): allocating (and page-faulting) tens of megabytes per call would cost as much as the gather itself.
+// A buffer grows to the largest layer it has served.
 template <typename T>
-T* scratch(int slot, int64_t count) {
-  thread_local std::vector<std::unique_ptr<char[]>> buffers(8);
-  thread_local std::vector<int64_t> sizes(8, 0);
+T* scratch(Slot slot, int64_t count) {
+  thread_local std::vector<std::unique_ptr<char[]>> buffers(kSlots);
+  thread_local std::vector<int64_t> sizes(kSlots, 0);
   const int64_t bytes = count * static_cast<int64_t>(sizeof(T)) + 64;
   if (sizes[slot] < bytes) {
     buffers[slot].reset(new char[bytes]);
@@ -97,7 +101,7 @@ void store_block(const Vec* src, const Layout& s, int64_t b, T* row) {
 // blocked[b][k][r][:] = tables[k, r, column block b] as float, zero past the last column.
 template <typename T>
 const Vec* pack(const T* tables, const Layout& s) {
-  Vec* blocked = scratch<Vec>(0, s.blocks * s.block_vecs());
+  Vec* blocked = scratch<Vec>(kBlocked, s.blocks * s.block_vecs());
   at::parallel_for(0, s.chunks * s.rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       for (int64_t b = 0; b < s.blocks; ++b) load_block(tables + row * s.width, s, b, blocked + (b * s.chunks * s.rows + row) * kVecs);
@@ -116,7 +120,7 @@ struct Entries {
 };
 
 Entries entries_of(const int16_t* codes, const float* p, const Layout& s) {
-  Entries e{scratch<int32_t>(1, s.tokens * s.chunks), scratch<float>(2, s.tokens * s.chunks)};
+  Entries e{scratch<int32_t>(kIndex, s.tokens * s.chunks), scratch<float>(kWeight, s.tokens * s.chunks)};
   at::parallel_for(0, s.tokens, 256, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t g0 = 0; g0 < s.chunks; g0 += s.group) {
@@ -211,7 +215,7 @@ void gather_sum_blocked(const int16_t* codes, const float* p, const T* tables, c
   };
   const auto size_of = [&](int64_t step) { return std::min(s.group, s.chunks - (step % groups) * s.group); };
   for_each_share(s.tokens, [&](int64_t first, int64_t last) {
-    Vec* partial = scratch<Vec>(6, std::min(s.tile, last - first) * kVecs);
+    Vec* partial = scratch<Vec>(kTile, std::min(s.tile, last - first) * kVecs);
     for (int64_t t0 = first; t0 < last; t0 += s.tile) {
       const int64_t t1 = std::min(t0 + s.tile, last);
       for (int64_t step = 0; step < steps; ++step) {
@@ -241,8 +245,8 @@ struct Buckets {
 
 Buckets buckets_of(const int16_t* codes, const float* p, const Layout& s) {
   const int64_t tiles = (s.tokens + s.tile - 1) / s.tile;
-  Buckets e{scratch<int32_t>(1, s.tokens * s.chunks), scratch<float>(2, s.tokens * s.chunks),
-            scratch<int32_t>(5, tiles * s.chunks * (s.rows + 1))};
+  Buckets e{scratch<int32_t>(kIndex, s.tokens * s.chunks), scratch<float>(kWeight, s.tokens * s.chunks),
+            scratch<int32_t>(kBucketStarts, tiles * s.chunks * (s.rows + 1))};
   at::parallel_for(0, tiles * s.chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> next(s.rows);
     for (int64_t item = begin; item < end; ++item) {
@@ -272,11 +276,11 @@ void gather_sum_backward_blocked(const T* dy, const int16_t* codes, const float*
                                  T* dtables, float* dp) {
   const Vec* blocked = pack(tables, s);
   const Buckets e = buckets_of(codes, p, s);
-  Vec* grad = scratch<Vec>(3, s.blocks * s.block_vecs());         // the gradient between tiles, blocked
-  float* dp_sorted = scratch<float>(4, s.tokens * s.chunks);      // dp laid out as the buckets
+  Vec* grad = scratch<Vec>(kGradient, s.blocks * s.block_vecs());         // the gradient between tiles, blocked
+  float* dp_sorted = scratch<float>(kSortedDp, s.tokens * s.chunks);      // dp laid out as the buckets
   std::fill(dp_sorted, dp_sorted + s.tokens * s.chunks, 0.0f);
   for_each_share(s.chunks, [&](int64_t k0, int64_t k1) {
-    Vec* dy_tile = scratch<Vec>(6, std::min(s.tile, s.tokens) * kVecs);
+    Vec* dy_tile = scratch<Vec>(kTile, std::min(s.tile, s.tokens) * kVecs);
     for (int64_t b = 0; b < s.blocks; ++b) {
       for (int64_t t0 = 0; t0 < s.tokens; t0 += s.tile) {
         const int64_t t1 = std::min(t0 + s.tile, s.tokens);

@@ -1,7 +1,9 @@
 // Hashing and weights of the CPU Memory Layer, and the input's gradient (spec section 1).
 //
 // Per token, the exponentials exp(-2|z|/t) of the whole row are computed eight at a time; a chunk's code and
-// its weight p = prod_i sigmoid(2|z_i|/t) = 1 / prod_i (1 + exp(-2|z_i|/t)) are then read off them.
+// its weight p = prod_i sigmoid(2|z_i|/t) = 1 / prod_i (1 + exp(-2|z_i|/t)) are then read off them, eight
+// chunks at a time: lane j of a vector works chunk j, and step i reads bit i of all eight (for the paper's
+// tau = 8, a transpose of eight whole vectors; for other tau, a strided gather).
 #include "memory_layer.h"
 #include "simd.h"
 
@@ -36,6 +38,7 @@ void hash_kernel(const T* x, int64_t tokens, int64_t chunks, int64_t tau, float 
                  int16_t* codes, float* p) {
   const float scale = 2.0f / temperature;
   const int64_t width = chunks * tau;
+  const IntVec stride = IntVec{0, 1, 2, 3, 4, 5, 6, 7} * static_cast<int32_t>(tau);
   at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> converted(width), e(width);
     for (int64_t n = begin; n < end; ++n) {
@@ -54,6 +57,18 @@ void hash_kernel(const T* x, int64_t tokens, int64_t chunks, int64_t tau, float 
           store(p + n * chunks + k, 1.0f / reduce_eight(q, [](Vec a, Vec b) { return a * b; }));
           for (int j = 0; j < kLanes; ++j) codes[n * chunks + k + j] = static_cast<int16_t>(code[j]);
         }
+      }
+      for (; k + kLanes <= chunks; k += kLanes) {     // any tau or weighting: bit i of eight chunks, tau apart
+        IntVec code = {};
+        Vec denominator = splat(1.0f), magnitude = {};
+        for (int64_t i = 0; i < tau; ++i) {
+          const Vec v = gather(z + k * tau + i, stride), ei = gather(e.data() + k * tau + i, stride);
+          code |= (v >= 0.0f) & (1 << i);
+          denominator *= ei + 1.0f;
+          magnitude += abs(v);
+        }
+        store(p + n * chunks + k, (l1 ? magnitude : splat(1.0f)) / denominator);
+        for (int j = 0; j < kLanes; ++j) codes[n * chunks + k + j] = static_cast<int16_t>(code[j]);
       }
       for (; k < chunks; ++k) {
         int32_t code = 0;

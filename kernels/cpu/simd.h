@@ -25,6 +25,12 @@ inline void store(float* dst, Vec v) { std::memcpy(dst, &v, sizeof(Vec)); }
 
 inline Vec splat(float value) { return Vec{} + value; }
 
+// Lane j is base[index[j]]: eight scattered floats (a column of a row-major block, say) as one vector.
+inline Vec gather(const float* base, IntVec index) {
+  return Vec{base[index[0]], base[index[1]], base[index[2]], base[index[3]],
+             base[index[4]], base[index[5]], base[index[6]], base[index[7]]};
+}
+
 inline Vec abs(Vec v) {
   IntVec bits;
   std::memcpy(&bits, &v, sizeof(Vec));

@@ -73,11 +73,13 @@ def test_an_empty_batch_gives_empty_outputs_and_zero_table_gradients():
     assert y.shape == (2, 0, 8) and x.grad.shape == x.shape and torch.equal(tables.grad, torch.zeros_like(tables))
 
 
-def test_tau_8_hashes_eight_chunks_at_once_and_the_rest_one_by_one():
-    """11 chunks: one group of eight reduced together, three left over; zeros of both signs count as >= 0."""
-    x, _, _, _ = inputs(50, 8, 11, 8, torch.float32, seed=3)
-    x[0, :8], x[1, 3], x[2, 85] = -0.0, 0.0, -0.0
-    codes, p = CPU.hash(x, 8, 1.0, "paper")
-    ref_codes, ref_p = ReferenceKernel.hash(x, 8, 1.0, "paper")
-    assert torch.equal(codes.long(), ref_codes.long()) and codes[0, 0] == 255
+@pytest.mark.parametrize("tau, weighting", [(8, "paper"), (8, "l1"), (10, "paper"), (5, "l1"), (12, "paper")])
+def test_eight_chunks_are_hashed_at_once_and_the_rest_one_by_one(tau, weighting):
+    """11 chunks: one group of eight (tau = 8 paper: a transpose of eight vectors; otherwise a strided gather)
+    and three left over, each path checked against the reference; zeros of both signs count as >= 0."""
+    x, _, _, _ = inputs(50, tau, 11, 8, torch.float32, seed=3)
+    x[0, :tau], x[1, 3], x[2, 8 * tau + 5] = -0.0, 0.0, -0.0
+    codes, p = CPU.hash(x, tau, 1.0, weighting)
+    ref_codes, ref_p = ReferenceKernel.hash(x, tau, 1.0, weighting)
+    assert torch.equal(codes.long(), ref_codes.long()) and codes[0, 0] == 2**tau - 1
     torch.testing.assert_close(p, ref_p, rtol=1e-6, atol=0)

@@ -9,8 +9,9 @@ keep that copy and their index buffers between calls, one set per calling thread
 sized for the largest layer served: about twice the largest layer's tables in
 float32 during training, plus a token tile of up to 2 MB per worker thread. The
 C++ sources are compiled on first use with torch's extension builder (gcc, ninja)
-for this machine's instruction set and cached; the cache name carries a hash of the sources and of the CPU's feature
-flags, so a shared home directory never hands one machine another's binary.
+for this machine's instruction set and cached; the cache name carries a hash of
+the sources and of the CPU's feature flags, so a shared home directory never
+hands one machine another's binary.
 
 Hash and gather-sum are separate autograd Functions, as in the reference, so
 layers that share codes (Q, K, V) add their gradients of p before the input's.

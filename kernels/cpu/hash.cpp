@@ -3,12 +3,13 @@
 // Per token, the exponentials exp(-2|z|/t) of the whole row are computed eight at a time; a chunk's code and
 // its weight p = prod_i sigmoid(2|z_i|/t) = 1 / prod_i (1 + exp(-2|z_i|/t)) are then read off them, eight
 // chunks at a time: lane j of a vector works chunk j, and step i reads bit i of all eight (for the paper's
-// tau = 8, a transpose of eight whole vectors; for other tau, a strided gather).
+// tau = 8, a transpose of eight whole vectors; otherwise, and for a last group of fewer chunks, a gather).
 #include "memory_layer.h"
 #include "simd.h"
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -39,6 +40,8 @@ void hash_kernel(const T* x, int64_t tokens, int64_t chunks, int64_t tau, float 
   const float scale = 2.0f / temperature;
   const int64_t width = chunks * tau;
   const IntVec stride = IntVec{0, 1, 2, 3, 4, 5, 6, 7} * static_cast<int32_t>(tau);
+  IntVec last_group = stride;                       // a last group of fewer than eight chunks repeats its last one
+  for (int j = 0; j < kLanes; ++j) last_group[j] = static_cast<int32_t>(std::min<int64_t>(j, (chunks + kLanes - 1) % kLanes) * tau);
   at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> converted(width), e(width);
     for (int64_t n = begin; n < end; ++n) {
@@ -58,30 +61,25 @@ void hash_kernel(const T* x, int64_t tokens, int64_t chunks, int64_t tau, float 
           for (int j = 0; j < kLanes; ++j) codes[n * chunks + k + j] = static_cast<int16_t>(code[j]);
         }
       }
-      for (; k + kLanes <= chunks; k += kLanes) {     // any tau or weighting: bit i of eight chunks, tau apart
+      // Any tau or weighting: bit i of `lanes` chunks from `first` on, at the offsets `index` (tau apart).
+      const auto hash_group = [&](int64_t first, int64_t lanes, IntVec index) {
         IntVec code = {};
         Vec denominator = splat(1.0f), magnitude = {};
         for (int64_t i = 0; i < tau; ++i) {
-          const Vec v = gather(z + k * tau + i, stride), ei = gather(e.data() + k * tau + i, stride);
+          const Vec v = gather(z + first * tau + i, index), ei = gather(e.data() + first * tau + i, index);
           code |= (v >= 0.0f) & (1 << i);
-          denominator *= ei + 1.0f;
+          denominator *= ei + 1.0f;                  // at most 2^tau
           magnitude += abs(v);
         }
-        store(p + n * chunks + k, (l1 ? magnitude : splat(1.0f)) / denominator);
-        for (int j = 0; j < kLanes; ++j) codes[n * chunks + k + j] = static_cast<int16_t>(code[j]);
-      }
-      for (; k < chunks; ++k) {
-        int32_t code = 0;
-        float denominator = 1.0f, magnitude = 0.0f;
-        for (int64_t i = 0; i < tau; ++i) {
-          const float v = z[k * tau + i];
-          code |= (v >= 0.0f) << i;
-          denominator *= 1.0f + e[k * tau + i];   // at most 2^tau
-          magnitude += std::fabs(v);
+        const Vec weight = (l1 ? magnitude : splat(1.0f)) / denominator;
+        if (lanes == kLanes) store(p + n * chunks + first, weight);
+        for (int j = 0; j < lanes; ++j) {
+          codes[n * chunks + first + j] = static_cast<int16_t>(code[j]);
+          if (lanes < kLanes) p[n * chunks + first + j] = weight[j];
         }
-        codes[n * chunks + k] = static_cast<int16_t>(code);
-        p[n * chunks + k] = (l1 ? magnitude : 1.0f) / denominator;
-      }
+      };
+      for (; k + kLanes <= chunks; k += kLanes) hash_group(k, kLanes, stride);
+      if (k < chunks) hash_group(k, chunks - k, last_group);
     }
   });
 }

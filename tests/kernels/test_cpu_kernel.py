@@ -74,9 +74,9 @@ def test_an_empty_batch_gives_empty_outputs_and_zero_table_gradients():
 
 
 @pytest.mark.parametrize("tau, weighting", [(8, "paper"), (8, "l1"), (10, "paper"), (5, "l1"), (12, "paper")])
-def test_eight_chunks_are_hashed_at_once_and_the_rest_one_by_one(tau, weighting):
+def test_chunks_are_hashed_eight_at_once_with_a_short_last_group(tau, weighting):
     """11 chunks: one group of eight (tau = 8 paper: a transpose of eight vectors; otherwise a strided gather)
-    and three left over, each path checked against the reference; zeros of both signs count as >= 0."""
+    and a last group of three, each checked against the reference; zeros of both signs count as >= 0."""
     x, _, _, _ = inputs(50, tau, 11, 8, torch.float32, seed=3)
     x[0, :tau], x[1, 3], x[2, 8 * tau + 5] = -0.0, 0.0, -0.0
     codes, p = CPU.hash(x, tau, 1.0, weighting)

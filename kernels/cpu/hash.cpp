@@ -40,7 +40,7 @@ void hash_kernel(const T* x, int64_t tokens, int64_t chunks, int64_t tau, float 
   const float scale = 2.0f / temperature;
   const int64_t width = chunks * tau;
   const IntVec stride = IntVec{0, 1, 2, 3, 4, 5, 6, 7} * static_cast<int32_t>(tau);
-  IntVec last_group = stride;                       // a last group of fewer than eight chunks repeats its last one
+  IntVec last_group;                                // a last group of fewer than eight chunks repeats its last one
   for (int j = 0; j < kLanes; ++j) last_group[j] = static_cast<int32_t>(std::min<int64_t>(j, (chunks + kLanes - 1) % kLanes) * tau);
   at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> converted(width), e(width);

@@ -71,13 +71,19 @@ def layer_runs(impl: str, d_in: int, d_out: int, bits: int, tokens: int, device:
     size = torch.tensor([], dtype=dtype).element_size()
     if impl == "linear":
         layer = torch.nn.Linear(d_in, d_out, bias=False, device=device, dtype=dtype)
-        forward = lambda inp: layer(inp)
+
+        def forward(inp):
+            return layer(inp)
+
         moved = (tokens * d_in + d_in * d_out + tokens * d_out) * size
     else:
         kernel = get_kernel(impl)
         chunks = d_in // bits
         tables = (torch.randn(chunks, 2**bits, d_out, device=device, dtype=dtype) * 0.02).requires_grad_()
-        forward = lambda inp: kernel.hash_gather_sum(inp, tables, None, bits, 1.0, "paper")
+
+        def forward(inp):
+            return kernel.hash_gather_sum(inp, tables, None, bits, 1.0, "paper")
+
         moved = (tokens * d_in + tokens * d_out + tokens * chunks * d_out) * size + tokens * chunks * 6
     xg = x.clone().requires_grad_()
 
@@ -126,10 +132,12 @@ def main() -> None:
     for layer in dict.fromkeys(r["layer"] for r in rows):
         by = {r["impl"]: r for r in rows if r["layer"] == layer}
         fused = "cpu" if "cpu" in by else "triton"
-        summary[layer] = {f"{fused}_fwd_speedup_vs_linear": round(by["linear"]["fwd_ms"] / by[fused]["fwd_ms"], 2),
-                          f"{fused}_fwdbwd_speedup_vs_linear": round(by["linear"]["fwdbwd_ms"] / by[fused]["fwdbwd_ms"], 2),
-                          f"{fused}_fwd_speedup_vs_reference": round(by["reference"]["fwd_ms"] / by[fused]["fwd_ms"], 2),
-                          f"{fused}_fwdbwd_speedup_vs_reference": round(by["reference"]["fwdbwd_ms"] / by[fused]["fwdbwd_ms"], 2)}
+        summary[layer] = {
+            f"{fused}_fwd_speedup_vs_linear": round(by["linear"]["fwd_ms"] / by[fused]["fwd_ms"], 2),
+            f"{fused}_fwdbwd_speedup_vs_linear": round(by["linear"]["fwdbwd_ms"] / by[fused]["fwdbwd_ms"], 2),
+            f"{fused}_fwd_speedup_vs_reference": round(by["reference"]["fwd_ms"] / by[fused]["fwd_ms"], 2),
+            f"{fused}_fwdbwd_speedup_vs_reference": round(by["reference"]["fwdbwd_ms"] / by[fused]["fwdbwd_ms"], 2),
+        }
     result = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
               "thp_mem_alloc": os.environ["THP_MEM_ALLOC_ENABLE"],
               "copy_bandwidth_gbps": round(bandwidth, 1), "rows": rows, "summary": summary,
@@ -149,7 +157,8 @@ def main() -> None:
     for layer, speedups in summary.items():
         print(f"{layer}: " + ", ".join(f"{key.replace('_', ' ')} x{value}" for key, value in speedups.items()))
     for layer, met in result["targets_met"].items():
-        print(f"{layer}: " + ", ".join(f"{key.replace('_', ' ')} {'met' if ok else 'NOT met'}" for key, ok in met.items()))
+        print(f"{layer}: " + ", ".join(f"{key.replace('_', ' ')} {'met' if ok else 'NOT met'}"
+                                       for key, ok in met.items()))
 
 
 if __name__ == "__main__":

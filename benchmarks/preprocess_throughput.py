@@ -127,12 +127,14 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\ncorpus: {result['corpus_mb']} MB of Python standard-library sources (jsonl)")
-    print(f"{'tokenizer':<10}{'workers':>8}{'tokens':>14}{'seconds':>9}{'tok/s/worker':>14}{'MB/s':>8}{'RSS MB':>8}{'worker RSS':>11}")
+    print(f"{'tokenizer':<10}{'workers':>8}{'tokens':>14}{'seconds':>9}{'tok/s/worker':>14}{'MB/s':>8}{'RSS MB':>8}"
+          f"{'worker RSS':>11}")
     for row in rows:
         print(f"{row['tokenizer']:<10}{row['workers']:>8}{row['tokens']:>14,}{row['seconds']:>9}"
               f"{row['tokens_per_sec_per_worker']:>14,}{row['mb_per_sec']:>8}{row['peak_rss_mb']:>8}{row['worker_peak_rss_mb']:>11}")
     print(f"loader samples/s (seq {seq_len}, batch {batch}): {loader}; cpu-smoke training consumes "
-          f"{result['cpu_smoke_training_samples_per_sec']} samples/s: {result['loader_over_training']}x (target >= 50x)")
+          f"{result['cpu_smoke_training_samples_per_sec']} samples/s: "
+          f"{result['loader_over_training']}x (target >= 50x)")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ import gzip
 import io
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from megamem.errors import DataError
 
@@ -66,7 +67,8 @@ def expand_inputs(specs: list[str]) -> list[Path]:
         if any(ch in spec for ch in "*?["):
             matches = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
             if not matches:
-                raise DataError(f"input glob {spec!r} matches no file. Fix: check the pattern (quote it so the shell does not expand it)")
+                raise DataError(f"input glob {spec!r} matches no file. "
+                                "Fix: check the pattern (quote it so the shell does not expand it)")
             found.extend(matches)
         elif path.is_dir():
             matches = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p))
@@ -88,7 +90,8 @@ def _open(raw: IO[bytes], path: Path) -> IO[bytes]:
     if path.suffix == ".zst":
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False))
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
+                                                                            closefd=False))
     return raw
 
 
@@ -99,7 +102,8 @@ def read_pieces(path: Path, json_key: str, on_error: str, counts: Counts) -> Ite
     counts.input_bytes += size
     before = counts.bytes_read
     with open(path, "rb") as raw, _open(raw, path) as stream:
-        pieces = _jsonl_pieces(path, stream, json_key, on_error, counts) if _kind(path) == "jsonl" else _text_pieces(stream, counts)
+        pieces = (_jsonl_pieces(path, stream, json_key, on_error, counts) if _kind(path) == "jsonl"
+                  else _text_pieces(stream, counts))
         for piece in pieces:
             counts.bytes_read = before + raw.tell()
             yield piece
@@ -144,6 +148,7 @@ def _text_pieces(stream: IO[bytes], counts: Counts) -> Iterator[Piece]:
     held: list[str] = []
     started = False
     previous: str | None = None
+    previous_first = True
     while True:
         block = stream.read(TEXT_PIECE_BYTES)
         if not block:

@@ -96,7 +96,8 @@ class TokenBatches(IterableDataset):
 
     def __init__(self, manifests: list[Manifest], weights: list[float], split: str, batch_size: int, seed: int,
                  dp_rank: int, dp_size: int, start_batch: int = 0, max_batches: int | None = None):
-        self.manifests, self.batch_size, self.start_batch, self.max_batches = manifests, batch_size, start_batch, max_batches
+        self.manifests, self.batch_size = manifests, batch_size
+        self.start_batch, self.max_batches = start_batch, max_batches
         self.dp_rank, self.dp_size = dp_rank, dp_size
         shuffle = split == "train"
         self.orders = [DatasetOrder(m, split, seed, i, shuffle) for i, m in enumerate(manifests)]
@@ -117,7 +118,8 @@ class TokenBatches(IterableDataset):
         key = (epoch, shard)
         cached = self._cache.get(d)
         if cached is None or cached[0] != key:
-            rows = read_shard(self.manifests[d].directory, order.shards[shard], self.manifests[d].seq_len, self.manifests[d].dtype)
+            rows = read_shard(self.manifests[d].directory, order.shards[shard], self.manifests[d].seq_len,
+                              self.manifests[d].dtype)
             cached = (key, rows[order.row_order(epoch, shard)])
             self._cache[d] = cached
         return cached[1][offset]
@@ -150,13 +152,14 @@ class DataSpec:
     tokenizer_name: str
 
     @classmethod
-    def from_config(cls, data, model) -> "DataSpec":
+    def from_config(cls, data, model) -> DataSpec:
         """From the `data` and `model` sections; refuses a config without data before anything starts."""
         from megamem.data_tools.tokenizer import load_tokenizer
 
         sources = [(data.path, 1.0)] if data.path else [(s.path, s.weight) for s in data.sources]
         if not sources:
-            raise DataError("no training data: set data.path to a megamem preprocess output (or data.sources for a blend)")
+            raise DataError("no training data: set data.path to a megamem preprocess output "
+                            "(or data.sources for a blend)")
         tokenizer = load_tokenizer(data.tokenizer)
         return cls([p for p, _ in sources], [w for _, w in sources], model.seq_len, model.vocab_size, tokenizer.hash,
                    data.tokenizer)
@@ -168,14 +171,17 @@ def open_datasets(spec: DataSpec) -> list[Manifest]:
     for manifest in manifests:
         where = manifest.directory
         if manifest.seq_len != spec.seq_len:
-            raise DataError(f"dataset {where} holds sequences of {manifest.seq_len} tokens but model.seq_len is {spec.seq_len}. "
+            raise DataError(f"dataset {where} holds sequences of {manifest.seq_len} tokens "
+                            f"but model.seq_len is {spec.seq_len}. "
                             f"Fix: set model.seq_len={manifest.seq_len} or preprocess with --seq-len {spec.seq_len}")
         if manifest.tokenizer["hash"] != spec.tokenizer_hash:
             raise DataError(f"dataset {where} was tokenized with a different tokenizer ({manifest.tokenizer['kind']}, "
                             f"hash {manifest.tokenizer['hash'][:12]}) than data.tokenizer={spec.tokenizer_name}. "
-                            f"Fix: set data.tokenizer to the one in {where / 'manifest.json'} or re-run megamem preprocess")
+                            f"Fix: set data.tokenizer to the one in {where / 'manifest.json'} "
+                            "or re-run megamem preprocess")
         if manifest.tokenizer["vocab_size"] > spec.vocab_size:
-            raise DataError(f"dataset {where} uses {manifest.tokenizer['vocab_size']} token ids but model.vocab_size is "
+            raise DataError(f"dataset {where} uses {manifest.tokenizer['vocab_size']} token ids "
+                            "but model.vocab_size is "
                             f"{spec.vocab_size}. Fix: set model.vocab_size={manifest.tokenizer['vocab_size']}")
     return manifests
 

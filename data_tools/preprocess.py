@@ -20,9 +20,9 @@ import json
 import multiprocessing
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -90,7 +90,8 @@ class Packer:
         self.pending, self.pending_tokens = [], 0
 
     def _write(self, samples: np.ndarray) -> None:
-        self.shards.append(write_shard(self.directory, shard_name(self.split, len(self.shards)), self.samples_written, samples))
+        self.shards.append(write_shard(self.directory, shard_name(self.split, len(self.shards)), self.samples_written,
+                                       samples))
 
     def save(self, documents: int) -> dict:
         """Write the pending tokens under a name of their own; the state file, written after, points at it."""
@@ -151,7 +152,8 @@ def _batches(pieces: Iterator[Piece]) -> Iterator[list[Piece]]:
         yield batch
 
 
-def _ordered_map(batches: Iterator[list[Piece]], spec: str, workers: int) -> Iterator[tuple[list[Piece], list[np.ndarray]]]:
+def _ordered_map(batches: Iterator[list[Piece]], spec: str,
+                 workers: int) -> Iterator[tuple[list[Piece], list[np.ndarray]]]:
     """Tokenize batches in order; at most 2 x workers batches in flight."""
     if workers <= 1:
         _init_worker(spec)
@@ -225,7 +227,7 @@ def preprocess(args: PreprocessArgs, progress: Progress | None = None) -> Summar
     wrote = False
     eod = np.array([tokenizer.eod_id], dtype=np.int64)
     for batch, token_lists in _ordered_map(_batches(pieces()), args.tokenizer, args.workers):
-        for piece, tokens in zip(batch, token_lists):
+        for piece, tokens in zip(batch, token_lists, strict=True):
             if piece.first:
                 document += 1
                 to_valid = _in_valid_split(document, args.valid_fraction)
@@ -276,12 +278,13 @@ def _previous_state(out: Path, fingerprint: str) -> dict | None:
     path = out / STATE
     if not path.exists():
         if any(out.glob("*.tar")):
-            raise DataError(f"{out} holds shards but no {STATE} from megamem preprocess. Fix: choose an empty --output directory")
+            raise DataError(f"{out} holds shards but no {STATE} from megamem preprocess. "
+                            "Fix: choose an empty --output directory")
         return None
     state = json.loads(path.read_text())
     if state.get("fingerprint") != fingerprint:
-        raise DataError(f"{out} holds an unfinished run with other inputs or arguments. Fix: re-run that exact command to finish "
-                        f"it, or delete {out} to start over")
+        raise DataError(f"{out} holds an unfinished run with other inputs or arguments. "
+                        f"Fix: re-run that exact command to finish it, or delete {out} to start over")
     return state
 
 

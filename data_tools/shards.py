@@ -90,7 +90,8 @@ def read_shard(directory: Path, info: ShardInfo, seq_len: int, dtype: np.dtype) 
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise DataError(f"shard {path} is missing. Fix: restore it or re-run megamem preprocess into {directory}") from None
+        raise DataError(f"shard {path} is missing. "
+                        f"Fix: restore it or re-run megamem preprocess into {directory}") from None
     if hashlib.sha256(data).hexdigest() != info.sha256:
         raise DataError(f"shard {path} is corrupt or truncated: its sha256 differs from {directory / MANIFEST}. "
                         f"Fix: re-run megamem preprocess into {directory}")
@@ -104,7 +105,8 @@ def read_shard(directory: Path, info: ShardInfo, seq_len: int, dtype: np.dtype) 
                 raise ValueError(f"member {member['fname']} is not a {seq_len + 1}-token {dtype} .npy array")
             samples.append(np.frombuffer(payload, dtype=dtype, offset=len(header)))
     except Exception as err:
-        raise DataError(f"shard {path} cannot be read ({err}). Fix: re-run megamem preprocess into {directory}") from None
+        raise DataError(f"shard {path} cannot be read ({err}). "
+                        f"Fix: re-run megamem preprocess into {directory}") from None
     if len(samples) != info.samples:
         raise DataError(f"shard {path} holds {len(samples)} samples, the manifest says {info.samples}. "
                         f"Fix: re-run megamem preprocess into {directory}")
@@ -141,10 +143,13 @@ def load_manifest(directory: str | Path) -> Manifest:
     try:
         content = json.loads(path.read_text())
         manifest = Manifest(directory, int(content["seq_len"]), np.dtype(content["dtype"]), content["tokenizer"],
-                            [ShardInfo(**s) for s in content["shards"]], [ShardInfo(**s) for s in content["valid_shards"]])
+                            [ShardInfo(**s) for s in content["shards"]],
+                            [ShardInfo(**s) for s in content["valid_shards"]])
     except (ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{path} is not a megamem manifest ({err!r}). Fix: re-run megamem preprocess into {directory}") from None
+        raise DataError(f"{path} is not a megamem manifest ({err!r}). "
+                        f"Fix: re-run megamem preprocess into {directory}") from None
     for info in manifest.shards + manifest.valid_shards:
         if not (directory / info.path).is_file():
-            raise DataError(f"shard {directory / info.path} listed in {path} is missing. Fix: restore it or re-run megamem preprocess")
+            raise DataError(f"shard {directory / info.path} listed in {path} is missing. "
+                            "Fix: restore it or re-run megamem preprocess")
     return manifest

@@ -80,8 +80,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def describe(tokenizer) -> dict:
     """What a manifest records about its tokenizer."""
-    return {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id, "hash": tokenizer.hash,
-            "path": str(getattr(tokenizer, "path", "")) or None}
+    return {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id,
+            "hash": tokenizer.hash, "path": str(getattr(tokenizer, "path", "")) or None}
 
 
 def train_bpe(texts, vocab_size: int, output: Path) -> HFTokenizer:

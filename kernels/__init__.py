@@ -3,9 +3,10 @@
 Every kernel offers the same three operations:
   hash(x, tau, temperature, weighting) -> (codes, p)
   gather_sum(codes, p, tables, bias) -> y        # codes and p already computed (Q, K, V share them)
-  hash_gather_sum(x, tables, bias, tau, temperature, weighting) -> y
-and must match `reference` in outputs and gradients. Codes stay inside one
-kernel: their integer type is the kernel's own.
+  hash_gather_sum(x, tables, bias, tau, temperature, weighting, with_codes=False) -> y, or (y, codes, p)
+and must match `reference` in outputs and gradients. Each kernel's hash returns
+codes in an integer type of its own; gather_sum accepts codes of any integer type
+(tensor parallelism ships them as uint8, or int16 above 8 bits).
 
   reference  torch ops (embedding_bag), any device; defines correctness
   cpu        fused C++ for CPU tensors, compiled on first use (cpu_kernel.py)
@@ -22,7 +23,7 @@ from megamem.kernels.cpu_kernel import CpuKernel
 from megamem.kernels.reference import ReferenceKernel
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton():
     if importlib.util.find_spec("triton") is None:
         raise ValueError("model.kernel=triton needs the triton package (installed with CUDA builds of torch, "
@@ -54,8 +55,8 @@ class AutoKernel:
         return AutoKernel._for(tables).gather_sum(codes, p, tables, bias)
 
     @staticmethod
-    def hash_gather_sum(x, tables, bias, tau, temperature, weighting):
-        return AutoKernel._for(x).hash_gather_sum(x, tables, bias, tau, temperature, weighting)
+    def hash_gather_sum(x, tables, bias, tau, temperature, weighting, with_codes=False):
+        return AutoKernel._for(x).hash_gather_sum(x, tables, bias, tau, temperature, weighting, with_codes)
 
 
 _KERNELS = {kernel.name: kernel for kernel in (ReferenceKernel, CpuKernel, AutoKernel)}

@@ -3,7 +3,8 @@
 Hash (x -> codes, p) and GatherSum (codes, p, tables, bias -> y) are separate
 Functions so that layers sharing codes (Q, K, V) add their gradients of p before
 the input's; a path with a fused Function uses it when one layer hashes and
-gathers alone.
+gathers alone. That Function also returns the codes and p it computed (no
+gradient flows through them), for callers that watch bucket use.
 """
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ class AutogradKernel:
     def gather_sum(self, codes, p, tables, bias):
         return self._gather_sum.apply(codes, p, tables, bias)
 
-    def hash_gather_sum(self, x, tables, bias, tau, temperature, weighting):
+    def hash_gather_sum(self, x, tables, bias, tau, temperature, weighting, with_codes=False):
         if self._fused is not None:
-            return self._fused.apply(x, tables, bias, tau, temperature, weighting)
-        return self.gather_sum(*self.hash(x, tau, temperature, weighting), tables, bias)
+            y, codes, p = self._fused.apply(x, tables, bias, tau, temperature, weighting)
+        else:
+            codes, p = self.hash(x, tau, temperature, weighting)
+            y = self.gather_sum(codes, p, tables, bias)
+        return (y, codes, p.detach()) if with_codes else y

@@ -34,7 +34,7 @@ HEADERS = sorted(SOURCE_DIR.glob("*.h"))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)    # computed in float32 inside; others take the reference
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def extension():
     from torch.utils.cpp_extension import load
 
@@ -47,7 +47,8 @@ def extension():
     for path in SOURCES + HEADERS:
         digest.update(path.read_bytes())
     name = "megamem_cpu_memory_layer_" + digest.hexdigest()[:10]
-    return load(name=name, sources=[str(path) for path in SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],
+    return load(name=name, sources=[str(path) for path in SOURCES],
+                extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],
                 extra_ldflags=["-fopenmp"], verbose=False)
 
 

@@ -30,8 +30,8 @@ def chunk_hash(x: torch.Tensor, tau: int, temperature: float, weighting: str) ->
 def gather_sum(codes: torch.Tensor, p: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = sum_k p_k * T_k[codes_k] (+ bias): one embedding_bag over the K tables laid end to end."""
     num_tables, rows, d_out = tables.shape                                # K, R, D
-    offsets = torch.arange(num_tables, device=codes.device, dtype=codes.dtype) * rows
-    flat_codes = (codes.reshape(-1, num_tables) + offsets).long()         # [N, K]
+    offsets = torch.arange(num_tables, device=codes.device, dtype=torch.int64) * rows
+    flat_codes = codes.reshape(-1, num_tables).long() + offsets           # [N, K]; codes of any integer type
     y = F.embedding_bag(flat_codes, tables.reshape(num_tables * rows, d_out),
                         per_sample_weights=p.reshape(-1, num_tables).to(tables.dtype), mode="sum")
     if bias is not None:
@@ -47,6 +47,7 @@ class ReferenceKernel:
     gather_sum = staticmethod(gather_sum)
 
     @staticmethod
-    def hash_gather_sum(x, tables, bias, tau, temperature, weighting):
+    def hash_gather_sum(x, tables, bias, tau, temperature, weighting, with_codes=False):
         codes, p = chunk_hash(x, tau, temperature, weighting)
-        return gather_sum(codes, p, tables, bias)
+        y = gather_sum(codes, p, tables, bias)
+        return (y, codes, p.detach()) if with_codes else y

@@ -210,7 +210,8 @@ def backward(dy, x2, codes, p, tables, tau: int, temperature: float, l1: bool, n
     if need_dx:
         dx = torch.empty_like(x2)
         _dx_kernel[(triton.cdiv(n_tokens, blocks["BLOCK_N"]), chunks)](x2, p, dp, dx, n_tokens, 2.0 / temperature,
-                                                                       K=chunks, TAU=tau, TAU_P2=triton.next_power_of_2(tau),
+                                                                       K=chunks, TAU=tau,
+                                                                       TAU_P2=triton.next_power_of_2(tau),
                                                                        L1=l1, BLOCK_N=blocks["BLOCK_N"])
     return dx, dp, dtables
 
@@ -237,7 +238,8 @@ class _Hash(torch.autograd.Function):
         dx = torch.empty_like(x2)
         n_tokens, chunks = p.shape
         block = _blocks(1)["BLOCK_N"]
-        _dx_kernel[(triton.cdiv(n_tokens, block), chunks)](x2, p, dp.reshape(p.shape).float().contiguous(), dx, n_tokens,
+        _dx_kernel[(triton.cdiv(n_tokens, block), chunks)](x2, p, dp.reshape(p.shape).float().contiguous(),
+                                                           dx, n_tokens,
                                                            2.0 / temperature, K=chunks, TAU=tau,
                                                            TAU_P2=triton.next_power_of_2(tau), L1=l1, BLOCK_N=block)
         return dx.reshape(shape), None, None, None
@@ -274,7 +276,7 @@ class _GatherSum(torch.autograd.Function):
 
 
 class _HashGatherSum(torch.autograd.Function):
-    """The fused path: one kernel hashes, weighs and gathers; codes and p are kept for backward."""
+    """The fused path: one kernel hashes, weighs and gathers; codes and p are kept for backward and returned."""
 
     @staticmethod
     def forward(ctx, x, tables, bias, tau: int, temperature: float, weighting: str):
@@ -286,10 +288,12 @@ class _HashGatherSum(torch.autograd.Function):
         y = forward(x2, codes, p, tables, bias, tau, temperature, weighting == "l1", hash_input=True)
         ctx.save_for_backward(x2, codes, p, tables)
         ctx.settings = (tau, temperature, weighting == "l1", x.shape, bias is not None)
-        return y.reshape(*x.shape[:-1], tables.shape[-1])
+        ctx.mark_non_differentiable(codes, p)
+        lead = x.shape[:-1]
+        return y.reshape(*lead, tables.shape[-1]), codes.reshape(*lead, chunks), p.reshape(*lead, chunks)
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, _dcodes, _dp):
         x2, codes, p, tables = ctx.saved_tensors
         tau, temperature, l1, shape, has_bias = ctx.settings
         dy2 = dy.reshape(-1, tables.shape[-1]).contiguous()

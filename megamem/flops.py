@@ -18,6 +18,7 @@ from torch import nn
 from megamem.config.schema import Config
 from megamem.model.attention import CausalAttention
 from megamem.model.build import build_model
+from megamem.model.embedding import LMHead
 from megamem.model.memory_layer import MemoryLayer
 
 
@@ -38,7 +39,7 @@ def layer_macs_per_token(module: nn.Module) -> int:
     """Per-token MACs of the Linear and Memory Layers inside `module`."""
     total = 0
     for layer in module.modules():
-        if isinstance(layer, MemoryLayer):
+        if isinstance(layer, (MemoryLayer, LMHead)):
             total += layer.macs_per_token()
         elif isinstance(layer, nn.Linear):
             total += layer.in_features * layer.out_features

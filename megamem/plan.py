@@ -105,7 +105,8 @@ def plan_report(config: Config, tp: int, pp: int, dp: int, zero: int, micro_batc
             act = tokens * stage.blocks * per_block // tp
         act *= in_flight
         if index == pp - 1:
-            act += tokens * padded_vocab_size(config.model, config.parallel) // tp * (act_bytes + 4)      # logits and fp32 softmax
+            # logits and fp32 softmax
+            act += tokens * padded_vocab_size(config.model, config.parallel) // tp * (act_bytes + 4)
         sizes = {
             "weights": params * weight_bytes // (dp if zero >= 3 else 1),
             "gradients": params * grad_bytes // (dp if zero >= 2 else 1),

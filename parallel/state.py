@@ -23,7 +23,7 @@ class ParallelState:
     groups: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def for_world(cls, tp: int, pp: int, world_size: int, rank: int) -> "ParallelState":
+    def for_world(cls, tp: int, pp: int, world_size: int, rank: int) -> ParallelState:
         if world_size % (tp * pp):
             raise MegamemError(f"{world_size} processes cannot host tp={tp} x pp={pp} = {tp * pp} ranks per replica; "
                                f"use a multiple of {tp * pp} processes")
@@ -49,7 +49,10 @@ class ParallelState:
         """The global ranks of `rank`'s group of `kind` ('tp', 'dp' or 'pp')."""
         rank = self.rank if rank is None else rank
         tp_rank, dp_rank, pp_rank = rank % self.tp, rank // self.tp % self.dp, rank // (self.tp * self.dp)
-        place = lambda t, d, p: (p * self.dp + d) * self.tp + t
+
+        def place(t, d, p):
+            return (p * self.dp + d) * self.tp + t
+
         if kind == "tp":
             return [place(t, dp_rank, pp_rank) for t in range(self.tp)]
         if kind == "dp":
@@ -70,5 +73,5 @@ class ParallelState:
 
     def group(self, kind: str):
         if kind not in self.groups:
-            raise RuntimeError(f"process groups not built: call ParallelState.build_groups() after init_process_group")
+            raise RuntimeError("process groups not built: call ParallelState.build_groups() after init_process_group")
         return self.groups[kind]

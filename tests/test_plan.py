@@ -42,7 +42,8 @@ def test_pipeline_stages_split_blocks_and_place_embedding_and_head():
     first, last = report["stages"]
     assert first["blocks"] == last["blocks"] == 3
     embedding = head = 512 * 50304
-    assert first["params"] - embedding == last["params"] - head - 512     # the last stage adds the final RMSNorm and the head
+    # the last stage adds the final RMSNorm and the head
+    assert first["params"] - embedding == last["params"] - head - 512
 
 
 def test_tensor_parallel_divides_tables():

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 
 
-
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML files, merged in order")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

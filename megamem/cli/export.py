@@ -18,7 +18,8 @@ def register(subparsers) -> None:
                                    description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", metavar="RUN_DIR")
     parser.add_argument("--output", required=True, metavar="FILE.safetensors")
-    parser.add_argument("--checkpoint", default=None, metavar="DIR", help="a checkpoint directory (default: the newest)")
+    parser.add_argument("--checkpoint", default=None, metavar="DIR",
+                        help="a checkpoint directory (default: the newest)")
     parser.set_defaults(handler=run)
 
 

@@ -46,6 +46,7 @@ def render(report: dict, configs: list[str]) -> str:
     for label, key in (("block attention", "attention_macs"), ("block non-attention", "non_attention_macs"),
                        ("block total", "total_macs")):
         lines.append(f"{label:<28}{human(block[key]):>16}{human(formula[key]):>16}")
-    lines.append(f"{'model total (blocks + head)':<28}{human(model['total_macs']):>16}{human(model['paper_formula']['total_macs']):>16}")
+    lines.append(f"{'model total (blocks + head)':<28}{human(model['total_macs']):>16}"
+                 f"{human(model['paper_formula']['total_macs']):>16}")
     lines.append(f"training FLOPs per token (6 x counted MACs): {human(model['training_flops_per_token'])}")
     return "\n".join(lines)

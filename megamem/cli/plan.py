@@ -33,7 +33,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from megamem.plan import plan_report
 
-    args.overrides = [*args.overrides, f"parallel.tp={args.tp}", f"parallel.pp={args.pp}", f"parallel.zero_stage={args.zero}"]
+    args.overrides = [*args.overrides, f"parallel.tp={args.tp}", f"parallel.pp={args.pp}",
+                      f"parallel.zero_stage={args.zero}"]
     config = config_from_args(args)
     report = plan_report(config, args.tp, args.pp, args.dp, args.zero, args.micro_batch, args.gpu_mem)
     print(json.dumps(report, indent=2) if args.json else render(report, args.configs))
@@ -42,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
 def render(report: dict, configs: list[str]) -> str:
     layout = report["layout"]
-    lines = [f"{' + '.join(configs)}: tp={layout['tp']} pp={layout['pp']} dp={layout['dp']} zero={layout['zero_stage']} "
+    lines = [f"{' + '.join(configs)}: tp={layout['tp']} pp={layout['pp']} dp={layout['dp']} "
+             f"zero={layout['zero_stage']} "
              f"micro-batch={layout['micro_batch']} x {layout['seq_len']} tokens, {layout['precision']}, "
              f"{layout['world_size']} ranks",
              f"{'parameters':<22}{'whole model':>14}{'per rank':>14}",

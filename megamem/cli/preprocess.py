@@ -19,21 +19,23 @@ def register(subparsers) -> None:
                                    description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, directories or quoted globs")
     parser.add_argument("--output", required=True, metavar="DIR", help="directory for shards and manifest.json")
-    parser.add_argument("--seq-len", type=int, required=True, help="tokens per training sequence (samples hold seq_len + 1)")
+    parser.add_argument("--seq-len", type=int, required=True,
+                        help="tokens per training sequence (samples hold seq_len + 1)")
     parser.add_argument("--tokenizer", default="byte", help="'byte' (default) or the path of a tokenizer.json")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     parser.add_argument("--json-key", default="text", help="field of a jsonl record holding the text (default text)")
     parser.add_argument("--valid-fraction", type=float, default=0.01, help="fraction of documents for validation")
     parser.add_argument("--shard-size-mb", type=float, default=64.0, help="target shard size (default 64)")
-    parser.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="malformed jsonl lines: skip and count, or stop")
+    parser.add_argument("--on-error", choices=("skip", "fail"), default="skip",
+                        help="malformed jsonl lines: skip and count, or stop")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from megamem.data_tools.preprocess import PreprocessArgs, preprocess
 
-    summary = preprocess(PreprocessArgs(args.input, args.output, args.seq_len, args.tokenizer, args.workers, args.json_key,
-                                        args.valid_fraction, args.shard_size_mb, args.on_error))
+    summary = preprocess(PreprocessArgs(args.input, args.output, args.seq_len, args.tokenizer, args.workers,
+                                        args.json_key, args.valid_fraction, args.shard_size_mb, args.on_error))
     print(render(summary, args.output))
     return 0
 
@@ -41,9 +43,11 @@ def run(args: argparse.Namespace) -> int:
 def render(summary, output: str) -> str:
     c = summary.counts
     rows = [("files", c.files), ("documents", c.documents), ("  empty, skipped", c.empty_documents),
-            ("  invalid UTF-8, replaced", c.invalid_utf8_documents), ("  validation documents", summary.valid_documents),
+            ("  invalid UTF-8, replaced", c.invalid_utf8_documents),
+            ("  validation documents", summary.valid_documents),
             ("malformed jsonl lines", c.malformed_lines), ("jsonl lines without the key", c.missing_key_lines),
-            ("tokens", summary.tokens), ("train samples", summary.train_samples), ("valid samples", summary.valid_samples),
+            ("tokens", summary.tokens), ("train samples", summary.train_samples),
+            ("valid samples", summary.valid_samples),
             ("train shards", summary.train_shards), ("valid shards", summary.valid_shards),
             ("tokens dropped (last partial sample)", summary.dropped_tokens),
             ("input MB", f"{c.input_bytes / 1e6:.1f}"), ("seconds", f"{summary.seconds:.1f}"),

@@ -5,12 +5,12 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from megamem.cli.common import add_config_arguments, config_from_args
+from megamem.ports import free_port
 
 HELP = """\
 Train a model on megamem preprocess shards. One process runs in this process;
@@ -30,7 +30,8 @@ def register(subparsers) -> None:
     add_config_arguments(parser)
     parser.add_argument("--nproc", type=int, default=1, help="local ranks (default 1: in this process)")
     parser.add_argument("--resume", default="auto", metavar="auto|none|PATH",
-                        help="auto: newest complete checkpoint of run.dir (default); none: refuse if run.dir has one; or a checkpoint dir")
+                        help="auto: newest complete checkpoint of run.dir (default); none: refuse if run.dir has one; "
+                             "or a checkpoint dir")
     parser.set_defaults(handler=run)
 
 
@@ -61,9 +62,7 @@ def _launch(args: argparse.Namespace, config) -> int:
 
     launcher = Path(sys.executable).with_name("deepspeed")
     launcher = str(launcher) if launcher.exists() else shutil.which("deepspeed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     command = [launcher, "--num_gpus", str(args.nproc), "--master_port", str(port), entry.__file__,
                "--config", *args.configs, "--resume", args.resume]
     for override in args.overrides:
@@ -86,6 +85,7 @@ def _launch(args: argparse.Namespace, config) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     if stopped and complete_checkpoints(Path(config.run.dir)) != before:
-        print("megamem train: stopped by SIGTERM after saving a checkpoint; continue with --resume auto", file=sys.stderr)
+        print("megamem train: stopped by SIGTERM after saving a checkpoint; continue with --resume auto",
+              file=sys.stderr)
         return 0
     return code

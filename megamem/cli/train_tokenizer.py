@@ -31,7 +31,9 @@ def run(args: argparse.Namespace) -> int:
     if args.vocab_size < 260:
         raise DataError(f"--vocab-size must be at least 260 (256 bytes and merges), got {args.vocab_size}")
     counts = Counts()
-    texts = (piece.text for path in expand_inputs(args.input) for piece in read_pieces(path, args.json_key, "skip", counts))
+    texts = (piece.text for path in expand_inputs(args.input)
+             for piece in read_pieces(path, args.json_key, "skip", counts))
     tokenizer = train_bpe(texts, args.vocab_size, Path(args.output))
-    print(f"megamem train-tokenizer: {tokenizer.vocab_size} tokens from {counts.documents:,} documents -> {args.output}")
+    print(f"megamem train-tokenizer: {tokenizer.vocab_size} tokens from {counts.documents:,} documents "
+          f"-> {args.output}")
     return 0

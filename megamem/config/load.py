@@ -12,8 +12,9 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -21,16 +22,6 @@ from megamem.config.errors import ConfigError
 from megamem.config.schema import Config
 from megamem.config.sources import Sources
 from megamem.config.validate import validate
-
-class _Loader(yaml.SafeLoader):
-    """yaml.SafeLoader that also reads `3e-3` as a float (YAML 1.1 wants `3.0e-3`)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
 
 
 class _Loader(yaml.SafeLoader):
@@ -82,17 +73,20 @@ def save_config(config: Config, path: str | Path) -> None:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}. Fix: pass an existing YAML file, e.g. configs/cpu-smoke.yaml")
+        raise ConfigError(f"config file not found: {path}. "
+                          "Fix: pass an existing YAML file, e.g. configs/cpu-smoke.yaml")
     try:
         data = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)}). Fix the syntax there") from None
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)}). "
+                          "Fix the syntax there") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...), got {type(data).__name__}")
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...), "
+                          f"got {type(data).__name__}")
     return data
 
 

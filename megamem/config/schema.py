@@ -9,7 +9,7 @@ with (shared/spec/memoryformer.md sections 1-3).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 NormKind = Literal["rmsnorm", "layernorm"]
 
@@ -67,7 +67,7 @@ class DataConfig:
     training checks its hash against every manifest.
     """
 
-    path: Optional[str] = None
+    path: str | None = None
     sources: list[DataSource] = field(default_factory=list)
     tokenizer: str = "byte"
     num_workers: int = 1

@@ -77,25 +77,33 @@ class _Checker:
 
     def model(self) -> None:
         m = self.config.model
-        positive = ("hidden_size", "num_layers", "num_heads", "vocab_size", "seq_len", "ffn_multiplier", "vocab_pad_multiple")
+        positive = ("hidden_size", "num_layers", "num_heads", "vocab_size", "seq_len", "ffn_multiplier",
+                    "vocab_pad_multiple")
         for name in positive:
             if getattr(m, name) <= 0:
                 self.fail(f"model.{name}", "must be positive", f"set model.{name} to a positive integer")
         if m.arch == "memoryformer":
             low, high = TAU_RANGE
             if not low <= m.tau <= high:
-                self.fail("model.tau", f"tau must lie in [{low}, {high}] (a table has 2^tau rows)", "use tau = 8 as in the paper")
+                self.fail("model.tau", f"tau must lie in [{low}, {high}] (a table has 2^tau rows)",
+                          "use tau = 8 as in the paper")
             if m.hidden_size % m.tau:
-                self.fail(("model.hidden_size", "model.tau"), "hidden_size must be a multiple of tau (each token is cut into tau-value chunks)",
-                          f"use a hidden_size that is a multiple of {m.tau}, e.g. {(m.hidden_size // m.tau + 1) * m.tau}")
+                self.fail(("model.hidden_size", "model.tau"),
+                          "hidden_size must be a multiple of tau (each token is cut into tau-value chunks)",
+                          f"use a hidden_size that is a multiple of {m.tau}, "
+                          f"e.g. {(m.hidden_size // m.tau + 1) * m.tau}")
             if not 0 <= m.expanding_bits <= 4:
-                self.fail("model.expanding_bits", "must lie in [0, 4] (each bit doubles the Memory Block's second tables)", "use 2 as in the paper")
+                self.fail("model.expanding_bits",
+                          "must lie in [0, 4] (each bit doubles the Memory Block's second tables)",
+                          "use 2 as in the paper")
             if m.tau + m.expanding_bits > 16:
-                self.fail(("model.tau", "model.expanding_bits"), "tau + expanding_bits must be at most 16", "lower expanding_bits or tau")
+                self.fail(("model.tau", "model.expanding_bits"), "tau + expanding_bits must be at most 16",
+                          "lower expanding_bits or tau")
             if m.temperature <= 0:
                 self.fail("model.temperature", "the softmax temperature must be positive", "use 1.0 (the default)")
             if m.weighting == "l1" and m.temperature != 1.0:
-                self.fail(("model.weighting", "model.temperature"), "the released code's l1 weighting fixes the temperature at 1",
+                self.fail(("model.weighting", "model.temperature"),
+                          "the released code's l1 weighting fixes the temperature at 1",
                           "set model.temperature=1.0 or model.weighting=paper")
             if m.table_init_std <= 0:
                 self.fail("model.table_init_std", "must be positive", "use 0.02 as in the paper")
@@ -106,7 +114,9 @@ class _Checker:
         head_dim = m.hidden_size // m.num_heads
         rotary_dims = int(head_dim * m.rotary_fraction)
         if not 0.0 <= m.rotary_fraction <= 1.0 or rotary_dims % 2:
-            self.fail("model.rotary_fraction", f"rotary dims per head = int({head_dim} x fraction) = {rotary_dims} must be even, fraction in [0, 1]",
+            self.fail("model.rotary_fraction",
+                      f"rotary dims per head = int({head_dim} x fraction) = {rotary_dims} must be even, "
+                      "fraction in [0, 1]",
                       "pick a fraction that gives an even number of dims, e.g. 0.25 with head_dim 64")
         if m.norm_eps <= 0:
             self.fail("model.norm_eps", "must be positive", "use 1e-5")
@@ -116,7 +126,8 @@ class _Checker:
 
         names = available_kernels()
         if self.config.model.kernel not in names:
-            self.fail("model.kernel", f"unknown Memory Layer kernel (available: {', '.join(names)})", f"use one of {', '.join(names)}")
+            self.fail("model.kernel", f"unknown Memory Layer kernel (available: {', '.join(names)})",
+                      f"use one of {', '.join(names)}")
 
     def parallel(self) -> None:
         m, p = self.config.model, self.config.parallel
@@ -126,25 +137,31 @@ class _Checker:
         if p.zero_stage not in (0, 1, 2, 3):
             self.fail("parallel.zero_stage", "ZeRO stages are 0, 1, 2 and 3", "use 1 (optimizer state sharded)")
         if p.pp > 1 and p.zero_stage > 1:
-            self.fail(("parallel.pp", "parallel.zero_stage"), "DeepSpeed refuses ZeRO stage 2 or 3 with pipeline parallelism",
+            self.fail(("parallel.pp", "parallel.zero_stage"),
+                      "DeepSpeed refuses ZeRO stage 2 or 3 with pipeline parallelism",
                       "use parallel.zero_stage=1 with pipelining, or parallel.pp=1")
         if p.pp > m.num_layers:
-            self.fail(("parallel.pp", "model.num_layers"), "more pipeline stages than blocks", f"use parallel.pp <= {m.num_layers}")
+            self.fail(("parallel.pp", "model.num_layers"), "more pipeline stages than blocks",
+                      f"use parallel.pp <= {m.num_layers}")
         if m.num_heads % p.tp:
-            self.fail(("parallel.tp", "model.num_heads"), "tp must divide the number of heads (each rank owns whole heads)",
+            self.fail(("parallel.tp", "model.num_heads"),
+                      "tp must divide the number of heads (each rank owns whole heads)",
                       f"choose parallel.tp among the divisors of {m.num_heads}")
         if m.arch == "memoryformer" and m.hidden_size % m.tau == 0 and num_chunks(m) % p.tp:
             self.fail(("parallel.tp", "model.hidden_size", "model.tau"),
-                      f"tp must divide K = hidden_size / tau = {num_chunks(m)} (ML2 tables are split by chunk across tp ranks)",
+                      f"tp must divide K = hidden_size / tau = {num_chunks(m)}, the chunk count of every Memory "
+                      "Layer (ML1's column slice is ML2's chunks; the table layout gives each rank K / tp tables)",
                       f"choose parallel.tp among the divisors of {num_chunks(m)}")
 
     def training(self) -> None:
-        t, o, s, c, lg = self.config.train, self.config.optimizer, self.config.schedule, self.config.checkpoint, self.config.logging
+        t, o, s = self.config.train, self.config.optimizer, self.config.schedule
+        c, lg = self.config.checkpoint, self.config.logging
         for name in ("steps", "micro_batch_size", "global_batch_size", "eval_interval", "eval_steps"):
             if getattr(t, name) <= 0:
                 self.fail(f"train.{name}", "must be positive", f"set train.{name} to a positive integer")
         if t.global_batch_size % t.micro_batch_size:
-            self.fail(("train.global_batch_size", "train.micro_batch_size"), "global batch must be a multiple of the micro batch",
+            self.fail(("train.global_batch_size", "train.micro_batch_size"),
+                      "global batch must be a multiple of the micro batch",
                       "make global = micro x accumulation steps x data-parallel size")
         if o.lr <= 0:
             self.fail("optimizer.lr", "must be positive", "use the paper's 3e-3 for MF-tiny")
@@ -155,20 +172,26 @@ class _Checker:
         if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
             self.fail("optimizer.betas", "Adam needs two betas in [0, 1)", "use [0.9, 0.95]")
         if o.eps <= 0 or o.weight_decay < 0 or o.grad_clip < 0 or o.table_lr_multiplier <= 0:
-            self.fail(("optimizer.eps", "optimizer.weight_decay", "optimizer.grad_clip", "optimizer.table_lr_multiplier"),
-                      "eps and table_lr_multiplier must be positive, weight_decay and grad_clip non-negative", "see configs/memoryformer-tiny.yaml")
+            self.fail(("optimizer.eps", "optimizer.weight_decay", "optimizer.grad_clip",
+                       "optimizer.table_lr_multiplier"),
+                      "eps and table_lr_multiplier must be positive, weight_decay and grad_clip non-negative",
+                      "see configs/memoryformer-tiny.yaml")
         if c.interval <= 0 or c.keep <= 0:
-            self.fail(("checkpoint.interval", "checkpoint.keep"), "must be positive", "checkpoint.interval=1000, checkpoint.keep=3")
+            self.fail(("checkpoint.interval", "checkpoint.keep"), "must be positive",
+                      "checkpoint.interval=1000, checkpoint.keep=3")
         if lg.interval <= 0 or lg.histogram_interval <= 0 or lg.peak_tflops <= 0:
-            self.fail(("logging.interval", "logging.histogram_interval", "logging.peak_tflops"), "must be positive", "see configs/cpu-smoke.yaml")
+            self.fail(("logging.interval", "logging.histogram_interval", "logging.peak_tflops"), "must be positive",
+                      "see configs/cpu-smoke.yaml")
 
     def data(self) -> None:
         d = self.config.data
         if d.path is not None and d.sources:
-            self.fail(("data.path", "data.sources"), "give either one dataset (data.path) or a blend (data.sources), not both",
+            self.fail(("data.path", "data.sources"),
+                      "give either one dataset (data.path) or a blend (data.sources), not both",
                       "remove one of them")
         for i, source in enumerate(d.sources):
             if not source.path or source.weight <= 0:
-                self.fail("data.sources", f"entry {i} needs a path and a positive weight", "write {path: DIR, weight: 1.0}")
+                self.fail("data.sources", f"entry {i} needs a path and a positive weight",
+                          "write {path: DIR, weight: 1.0}")
         if d.num_workers < 0:
             self.fail("data.num_workers", "must be non-negative", "use 0 to read in the training process")

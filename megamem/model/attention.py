@@ -16,15 +16,16 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, fraction: float, base: float):
         super().__init__()
-        self.dims = int(head_dim * fraction)
-        inv_freq = 1.0 / (base ** (torch.arange(0, self.dims, 2, dtype=torch.float32) / max(self.dims, 1)))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dims, self.base = int(head_dim * fraction), base
 
     def forward(self, x_BHSE: torch.Tensor) -> torch.Tensor:
+        """Frequencies are recomputed per call (dims / 2 numbers), so a model built on the meta device needs no
+        buffers."""
         if self.dims == 0:
             return x_BHSE
-        seq = x_BHSE.shape[-2]
-        angles = torch.outer(torch.arange(seq, device=x_BHSE.device, dtype=torch.float32), self.inv_freq)
+        seq, device = x_BHSE.shape[-2], x_BHSE.device
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dims, 2, device=device, dtype=torch.float32) / self.dims))
+        angles = torch.outer(torch.arange(seq, device=device, dtype=torch.float32), inv_freq)
         angles = torch.cat((angles, angles), dim=-1)                               # [S, dims]
         cos, sin = angles.cos().to(x_BHSE.dtype), angles.sin().to(x_BHSE.dtype)
         rot, rest = x_BHSE[..., : self.dims], x_BHSE[..., self.dims:]
@@ -34,7 +35,11 @@ class Rotary(nn.Module):
 
 
 class CausalAttention(nn.Module):
-    """softmax(Q K^T / sqrt(E)) V per head, causal, through scaled_dot_product_attention."""
+    """softmax(Q K^T / sqrt(E)) V per head, causal, through scaled_dot_product_attention.
+
+    The head count is read off the inputs (width / head_dim): a tensor-parallel
+    rank runs the same module on its own heads.
+    """
 
     def __init__(self, num_heads: int, head_dim: int, rotary_fraction: float, rotary_base: float):
         super().__init__()
@@ -42,7 +47,7 @@ class CausalAttention(nn.Module):
         self.rotary = Rotary(head_dim, rotary_fraction, rotary_base)
 
     def forward(self, q_BSd: torch.Tensor, k_BSd: torch.Tensor, v_BSd: torch.Tensor) -> torch.Tensor:
-        q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2) for t in (q_BSd, k_BSd, v_BSd))
+        q, k, v = (t.unflatten(-1, (-1, self.head_dim)).transpose(1, 2) for t in (q_BSd, k_BSd, v_BSd))
         q, k = self.rotary(q), self.rotary(k)
         o_BHSE = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return o_BHSE.transpose(1, 2).flatten(-2)

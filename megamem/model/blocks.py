@@ -16,6 +16,7 @@ from torch import nn
 
 from megamem.config.schema import ModelConfig
 from megamem.model.attention import CausalAttention
+from megamem.model.init import TorchInit, init_norm
 from megamem.model.memory_layer import MemoryLayer, released_qkv_std
 from megamem.model.norms import make_norm
 
@@ -43,6 +44,12 @@ class MemoryFormerBlock(nn.Module):
         self.gelu = cfg.memory_block_gelu
         self.ml2 = memory(wide, d, tau + cfg.expanding_bits, cfg.table_init_std)
 
+    def init_weights(self, init) -> None:
+        for norm in (self.norm1, self.norm2, self.norm3):
+            init_norm(norm, init)
+        for layer in (self.q, self.k, self.v, self.ml1, self.ml2):
+            layer.init_weights(init)
+
     def forward(self, x_BSd: torch.Tensor) -> torch.Tensor:
         a_BSd = self.norm1(x_BSd)
         hashed = self.q.hash(a_BSd)
@@ -64,9 +71,15 @@ class DenseBlock(nn.Module):
         self.norm2 = make_norm(cfg.norm2, d, cfg.norm_eps)
         self.fc1 = nn.Linear(d, ffn)
         self.fc2 = nn.Linear(ffn, d)
+        self.init_std = cfg.init_std
+        self.init_weights(TorchInit)
+
+    def init_weights(self, init) -> None:
+        for norm in (self.norm1, self.norm2):
+            init_norm(norm, init)
         for linear in (self.qkv, self.out, self.fc1, self.fc2):
-            nn.init.normal_(linear.weight, std=cfg.init_std)
-            nn.init.zeros_(linear.bias)
+            init.normal(linear.weight, self.init_std)
+            init.zeros(linear.bias)
 
     def forward(self, x_BSd: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(self.norm1(x_BSd)).chunk(3, dim=-1)

@@ -1,9 +1,9 @@
-"""Decoder-only language model: embedding, blocks, final norm, Linear head.
+"""Decoder-only language model: embedding, blocks, final norm, classifier head.
 
 The head is the model's only fully-connected layer in MemoryFormer. Embeddings
-are untied by default, as in the released code and Pythia. `vocab_size` here is
-already padded (megamem.config.padded_vocab_size) so vocabulary-parallel
-sharding splits evenly; padded rows are never targets.
+are untied by default, as in the released code and Pythia. The model holds no
+loss: the trainer is handed one (`lm_loss` here, or megamem.parallel's
+vocabulary-parallel cross-entropy when the head is split).
 """
 from __future__ import annotations
 
@@ -13,28 +13,39 @@ from torch import nn
 
 from megamem.config.schema import ModelConfig
 from megamem.model.blocks import DenseBlock, MemoryFormerBlock
+from megamem.model.embedding import LMHead, TokenEmbedding
+from megamem.model.init import init_norm
 from megamem.model.norms import make_norm
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, kernel=None):
+    def __init__(self, cfg: ModelConfig, padded_vocab_size: int, kernel=None):
         super().__init__()
         if cfg.arch == "memoryformer" and kernel is None:
             raise ValueError("a MemoryFormer needs a Memory Layer kernel, e.g. megamem.kernels.get_kernel('reference')")
-        self.seq_len = cfg.seq_len
-        self.embed = nn.Embedding(vocab_size, cfg.hidden_size)
-        nn.init.normal_(self.embed.weight, std=cfg.init_std)
+        self.seq_len, self.tie_embeddings = cfg.seq_len, cfg.tie_embeddings
+        self.embed = TokenEmbedding(padded_vocab_size, cfg.hidden_size, cfg.init_std)
 
         def block() -> nn.Module:
             return MemoryFormerBlock(cfg, kernel) if cfg.arch == "memoryformer" else DenseBlock(cfg)
 
         self.blocks = nn.ModuleList(block() for _ in range(cfg.num_layers))
         self.final_norm = make_norm(cfg.final_norm, cfg.hidden_size, cfg.norm_eps)
-        self.head = nn.Linear(cfg.hidden_size, vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        self.head = LMHead(cfg.vocab_size, padded_vocab_size, cfg.hidden_size, cfg.init_std)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """The head reads the embedding's table when tied (also after a part is replaced or loaded)."""
+        if self.tie_embeddings:
             self.head.weight = self.embed.weight
-        else:
-            nn.init.normal_(self.head.weight, std=cfg.init_std)
+
+    def init_weights(self, init) -> None:
+        self.embed.init_weights(init)
+        for block in self.blocks:
+            block.init_weights(init)
+        init_norm(self.final_norm, init)
+        if not self.tie_embeddings:
+            self.head.init_weights(init)
 
     def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
         if tokens_BS.shape[-1] > self.seq_len:

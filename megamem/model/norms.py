@@ -15,7 +15,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _apex_norms():
     try:
         module = importlib.import_module("apex.normalization")

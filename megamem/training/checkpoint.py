@@ -43,8 +43,9 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
         return existing[-1] if existing else None
     if resume == "none":
         if existing:
-            raise MegamemError(f"{run_dir} already holds checkpoints (newest: {existing[-1].name}); starting over would "
-                               f"overwrite them. Fix: pass --resume auto to continue that run, or set run.dir to a new directory")
+            raise MegamemError(f"{run_dir} already holds checkpoints (newest: {existing[-1].name}); starting over "
+                               f"would overwrite them. Fix: pass --resume auto to continue that run, or set run.dir "
+                               f"to a new directory")
         return None
     path = Path(resume)
     if not (path / MARKER).is_file():
@@ -75,7 +76,8 @@ def save_checkpoint(engine, run_dir: Path, step: int, extra: dict, keep: int) ->
     torch.save(_rng_state(), root / tag / f"rng-rank{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
-        atomic_write(root / tag / MARKER, json.dumps({"step": step, "world_size": dist.get_world_size(), **extra}).encode())
+        atomic_write(root / tag / MARKER,
+                     json.dumps({"step": step, "world_size": dist.get_world_size(), **extra}).encode())
         _prune(run_dir, keep)
     dist.barrier()
     return root / tag

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -21,7 +20,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="one megamem training rank")
     parser.add_argument("--config", nargs="+", required=True, help="YAML files, merged in order")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--resume", default="auto", help="auto (newest complete checkpoint), none, or a checkpoint directory")
+    parser.add_argument("--resume", default="auto",
+                        help="auto (newest complete checkpoint), none, or a checkpoint directory")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -30,9 +30,9 @@ def single_process_env() -> None:
     """Let one process without a launcher form a world of one."""
     if "RANK" in os.environ:
         return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from megamem.ports import free_port
+
+    port = free_port()
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
@@ -48,7 +48,8 @@ def check_layout(config, world_size: int) -> int:
                            "on CPU (fp16 with dynamic loss scaling runs on GPUs)")
     if par.tp > 1 or par.pp > 1:
         raise MegamemError(f"parallel.tp={par.tp}, parallel.pp={par.pp}: this version of megamem trains with data "
-                           f"parallelism and ZeRO only. Fix: set parallel.tp=1 and parallel.pp=1 (megamem plan sizes larger layouts)")
+                           f"parallelism and ZeRO only. Fix: set parallel.tp=1 and parallel.pp=1 "
+                           f"(megamem plan sizes larger layouts)")
     return validate_world(config, world_size)
 
 
@@ -70,7 +71,8 @@ def run_training(config, resume: str) -> None:
     from megamem.config import save_config
     from megamem.data_tools.loader import TrainLoader
     from megamem.flops import flops_report
-    from megamem.model import build_model
+    from megamem.model import build_model, lm_loss
+    from megamem.model.init import materialize
     from megamem.parallel.activation_checkpointing import apply_activation_checkpointing
     from megamem.parallel.state import ParallelState
     from megamem.training.bucket_stats import BucketStats
@@ -102,7 +104,7 @@ def run_training(config, resume: str) -> None:
                          config.data.num_workers)
 
     torch.manual_seed(config.run.seed)
-    model = build_model(config)
+    model = materialize(build_model(config, device="meta"), device, config.run.seed)
     if config.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     optimizer = build_optimizer(model, config.optimizer)
@@ -111,12 +113,14 @@ def run_training(config, resume: str) -> None:
                                            config=deepspeed_config(config, dp))
     flops_per_token = flops_report(config, config.model.seq_len)["model"]["training_flops_per_token"]
     logger = MetricsLogger(run_dir, rank == 0, config.logging.tensorboard, config.train.steps)
-    trainer = Trainer(config, state, engine, loader, manifests, logger, BucketStats(engine.module), flops_per_token, device)
+    trainer = Trainer(config, state, engine, lm_loss, loader, manifests, logger, BucketStats(engine.module),
+                      flops_per_token, device)
     if resume_from is not None:
         trainer.load(resume_from)
     signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
     logger.message(f"megamem: training {config.model.arch} on {world} rank(s) (dp={dp}, ZeRO {par.zero_stage}, "
-                   f"{config.train.precision}) into {run_dir}; watch with: tensorboard --logdir {run_dir / 'tensorboard'}")
+                   f"{config.train.precision}) into {run_dir}; watch with: "
+                   f"tensorboard --logdir {run_dir / 'tensorboard'}")
     trainer.fit()
     logger.close()
     dist.barrier()

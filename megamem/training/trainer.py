@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from megamem.config.schema import Config
 from megamem.data_tools.loader import TrainLoader, valid_batches
-from megamem.model.language_model import lm_loss
+from megamem.parallel.grad_norm import grad_norm
+from megamem.parallel.marks import partitions
 from megamem.parallel.state import ParallelState
 from megamem.training.bucket_stats import BucketStats
 from megamem.training.checkpoint import load_checkpoint, save_checkpoint
@@ -26,9 +27,13 @@ from megamem.training.metrics import MetricsLogger
 
 
 class Trainer:
-    def __init__(self, config: Config, state: ParallelState, engine, loader: TrainLoader, valid_manifests: list,
+    """`loss_fn(logits, targets)` is handed in: lm_loss for a whole head, megamem.parallel's
+    vocabulary-parallel cross-entropy for a split one; the trainer never looks inside the logits."""
+
+    def __init__(self, config: Config, state: ParallelState, engine, loss_fn, loader: TrainLoader,
+                 valid_manifests: list,
                  logger: MetricsLogger, stats: BucketStats, flops_per_token: int, device: torch.device):
-        self.config, self.state, self.engine, self.loader = config, state, engine, loader
+        self.config, self.state, self.engine, self.loss_fn, self.loader = config, state, engine, loss_fn, loader
         self.valid_manifests, self.logger, self.stats = valid_manifests, logger, stats
         self.flops_per_token, self.device = flops_per_token, device
         self.step = 0
@@ -39,38 +44,47 @@ class Trainer:
     def train_step(self, measure_grad_norm: bool) -> dict[str, float]:
         """One optimizer step over `accumulation` micro-batches; returns its scalars."""
         times = dict.fromkeys(("data_ms", "forward_ms", "backward_ms", "optimizer_ms"), 0.0)
-        losses = []
-        grad_norm = None
         started = time.perf_counter()
+        loss, norm = self._run_step(times, measure_grad_norm)
+        step_ms = (time.perf_counter() - started) * 1e3
+        tokens = self.config.train.micro_batch_size * self.accumulation * self.config.model.seq_len
+        replica_tokens_per_sec = tokens / (step_ms / 1e3)      # every rank of a replica works on the same tokens
+        tflops = replica_tokens_per_sec * self.flops_per_token / 1e12 / (self.state.tp * self.state.pp)
+        return {"loss": loss, "lr": self.engine.get_lr()[0],
+                "grad_norm": float(norm) if norm is not None else float("nan"),
+                "loss_scale": float(getattr(self.engine.optimizer, "cur_scale", 1.0)),
+                "tokens_per_sec": replica_tokens_per_sec * self.state.dp,
+                "samples_per_sec": replica_tokens_per_sec * self.state.dp / self.config.model.seq_len,
+                "tflops_per_gpu": tflops, "mfu": tflops / self.config.logging.peak_tflops,
+                "step_ms": step_ms, **times, "memory_gb": _memory_gb()}
+
+    def _run_step(self, times: dict[str, float], measure_grad_norm: bool) -> tuple[torch.Tensor, float | None]:
+        """How a step runs: the one place that talks to the engine's forward, backward and step.
+
+        Returns the step's mean loss (on this rank) and the gradient norm of the whole
+        model (None where the engine does not report one).
+        """
+        losses = []
+        norm = None
         for micro in range(self.accumulation):
             mark = time.perf_counter()
             batch = next(self.loader).to(self.device, non_blocking=True)
             times["data_ms"] += self._lap(mark)
             mark = time.perf_counter()
-            loss = lm_loss(self.engine(batch[:, :-1]), batch[:, 1:])
+            loss = self.loss_fn(self.engine(batch[:, :-1]), batch[:, 1:])
             times["forward_ms"] += self._lap(mark)
             mark = time.perf_counter()
             self.engine.backward(loss)
             times["backward_ms"] += self._lap(mark)
             if measure_grad_norm and micro == self.accumulation - 1 and self.config.parallel.zero_stage == 0:
-                grad_norm = _local_grad_norm(self.engine.module)
+                norm = grad_norm(self.engine.module, self.state)     # ZeRO 0 keeps whole, averaged gradients
             mark = time.perf_counter()
             self.engine.step()
             times["optimizer_ms"] += self._lap(mark)
             losses.append(loss.detach())
-        step_ms = (time.perf_counter() - started) * 1e3
-        if grad_norm is None:
-            grad_norm = self.engine.get_global_grad_norm()
-        tokens = self.config.train.micro_batch_size * self.accumulation * self.config.model.seq_len
-        tokens_per_sec = tokens / (step_ms / 1e3)        # per rank
-        tflops = tokens_per_sec * self.flops_per_token / 1e12
-        return {"loss": torch.stack(losses).float().mean(), "lr": self.engine.get_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "loss_scale": float(getattr(self.engine.optimizer, "cur_scale", 1.0)),
-                "tokens_per_sec": tokens_per_sec * self.state.dp,
-                "samples_per_sec": tokens_per_sec * self.state.dp / self.config.model.seq_len,
-                "tflops_per_gpu": tflops, "mfu": tflops / self.config.logging.peak_tflops,
-                "step_ms": step_ms, **times, "memory_gb": _memory_gb()}
+        if norm is None:
+            norm = self.engine.get_global_grad_norm()
+        return torch.stack(losses).float().mean(), norm
 
     def _lap(self, mark: float) -> float:
         if self.device.type == "cuda":
@@ -87,14 +101,16 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch in self._valid_batches:
             batch = batch.to(self.device)
-            total += torch.stack([lm_loss(self.engine(batch[:, :-1]), batch[:, 1:]).double(),
+            total += torch.stack([self.loss_fn(self.engine(batch[:, :-1]), batch[:, 1:]).double(),
                                   torch.ones((), dtype=torch.float64, device=self.device)])
         self.engine.train()
         dist.all_reduce(total, group=self.state.group("dp"))
         return (total[0] / total[1]).item()
 
     def save(self) -> Path:
-        extra = {"loader": self.loader.state_dict()}
+        layout = {"tp": self.state.tp, "pp": self.state.pp, "dp": self.state.dp,
+                  "zero_stage": self.config.parallel.zero_stage}
+        extra = {"loader": self.loader.state_dict(), "layout": layout, "partitions": partitions(self.engine.module)}
         path = save_checkpoint(self.engine, Path(self.config.run.dir), self.step, extra, self.config.checkpoint.keep)
         self.logger.message(f"saved checkpoint {path}")
         return path
@@ -128,7 +144,7 @@ class Trainer:
                 if self.step % cfg.train.eval_interval == 0 or self.step == total:
                     scalars["valid_loss"] = self.evaluate()
                     scalars["valid_perplexity"] = math.exp(min(scalars["valid_loss"], 50.0))
-                self.stats.reduce(self.state.group("dp"))
+                self.stats.reduce([self.state.group("tp"), self.state.group("dp")])
                 self.logger.log(self.step, scalars, self.stats.summary())
                 self.logger.console(self.step, scalars)
                 if self.step % cfg.logging.histogram_interval < cfg.logging.interval:
@@ -140,12 +156,6 @@ class Trainer:
             if stop:
                 self.logger.message(f"stopping at step {self.step} on request (SIGTERM); resume with --resume auto")
                 return
-
-
-def _local_grad_norm(module: torch.nn.Module) -> float:
-    """Global gradient norm when every rank holds full, already averaged gradients (ZeRO stage 0)."""
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return torch.stack(norms).norm().item() if norms else 0.0
 
 
 def _memory_gb() -> float:

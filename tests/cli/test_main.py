@@ -35,7 +35,8 @@ def test_flops_json_acceptance():
     result = run_cli("flops", "configs/memoryformer-tiny.yaml", "--seq-len", "2048", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert set(report["block"]) == set(report["paper_formula"]) == {"attention_macs", "non_attention_macs", "total_macs"}
+    assert set(report["block"]) == set(report["paper_formula"]) == {"attention_macs", "non_attention_macs",
+                                                                    "total_macs"}
     assert round(report["paper_formula"]["total_macs"] / 1e9, 1) == 4.7
     assert round(report["paper_formula"]["non_attention_macs"] / 1e9, 1) == 0.4
     assert report["block"]["non_attention_macs"] == 352_321_536

@@ -36,7 +36,8 @@ def test_exponent_floats_are_numbers(write):
 
 def test_unknown_key_suggests_the_closest(write):
     path = write("typo.yaml", "model:\n  hiden_size: 512\n")
-    with pytest.raises(ConfigError, match=r"typo\.yaml: unknown key model\.hiden_size; did you mean model\.hidden_size\?"):
+    with pytest.raises(ConfigError,
+                       match=r"typo\.yaml: unknown key model\.hiden_size; did you mean model\.hidden_size\?"):
         load_config([path])
 
 
@@ -46,7 +47,8 @@ def test_unknown_section(write):
 
 
 def test_unknown_override_names_the_flag():
-    with pytest.raises(ConfigError, match=r"--set train\.stpes=3: unknown key train\.stpes; did you mean train\.steps\?"):
+    with pytest.raises(ConfigError,
+                       match=r"--set train\.stpes=3: unknown key train\.stpes; did you mean train\.steps\?"):
         load_config([CONFIGS / "cpu-smoke.yaml"], ["train.stpes=3"])
 
 
@@ -58,7 +60,8 @@ def test_unknown_override_names_the_flag():
     ("optimizer: {lr: fast}\n", r"optimizer\.lr must be a number, got 'fast'"),
     ("optimizer: {betas: 0.9}\n", r"optimizer\.betas must be a list, got 0\.9"),
     ("model: 5\n", r"model must be a mapping, got 5"),
-    ("data: {sources: [{path: a, wieght: 2}]}\n", r"unknown key data\.sources\[0\]\.wieght; did you mean data\.sources\[0\]\.weight\?"),
+    ("data: {sources: [{path: a, wieght: 2}]}\n",
+     r"unknown key data\.sources\[0\]\.wieght; did you mean data\.sources\[0\]\.weight\?"),
 ])
 def test_wrong_types_name_file_key_and_value(write, text, message):
     path = write("bad.yaml", text)

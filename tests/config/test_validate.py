@@ -10,7 +10,9 @@ SMOKE = CONFIGS / "cpu-smoke.yaml"
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model.hidden_size=100"], r"model\.hidden_size=100, model\.tau=8: hidden_size must be a multiple of tau.*Fix: use a hidden_size that is a multiple of 8, e\.g\. 104"),
+    (["model.hidden_size=100"],
+     r"model\.hidden_size=100, model\.tau=8: hidden_size must be a multiple of tau.*"
+     r"Fix: use a hidden_size that is a multiple of 8, e\.g\. 104"),
     (["model.num_heads=5"], r"num_heads must divide hidden_size.*divisors of 128"),
     (["model.tau=3"], r"model\.tau=3: tau must lie in \[4, 12\]"),
     (["model.tau=13"], r"tau must lie in \[4, 12\]"),
@@ -45,9 +47,11 @@ def test_message_names_the_file_that_set_the_key(tmp_path):
 def test_world_size_arithmetic():
     config = load_config([SMOKE], ["parallel.tp=2", "train.global_batch_size=32"])
     assert validate_world(config, 4) == 2
-    with pytest.raises(ConfigError, match=r"3 processes cannot host parallel\.tp=2 x parallel\.pp=1 = 2 ranks per replica"):
+    with pytest.raises(ConfigError,
+                       match=r"3 processes cannot host parallel\.tp=2 x parallel\.pp=1 = 2 ranks per replica"):
         validate_world(config, 3)
-    with pytest.raises(ConfigError, match=r"global_batch_size=32 is not a multiple of train\.micro_batch_size=4 x data-parallel size 3 = 12"):
+    with pytest.raises(ConfigError, match=r"global_batch_size=32 is not a multiple of "
+                                          r"train\.micro_batch_size=4 x data-parallel size 3 = 12"):
         validate_world(config, 6)
 
 

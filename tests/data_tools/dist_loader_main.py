@@ -16,7 +16,8 @@ state.build_groups()
 loader = TrainLoader([load_manifest(dataset)], [1.0], 2, 9, state.dp_rank, state.dp, num_workers=1)
 rows = [hashlib.sha1(row.numpy().astype("uint16").tobytes()).hexdigest() for _ in range(steps) for row in next(loader)]
 everything = [None] * dist.get_world_size()
-dist.all_gather_object(everything, {"rank": state.rank, "tp_rank": state.tp_rank, "dp_rank": state.dp_rank, "rows": rows})
+dist.all_gather_object(everything, {"rank": state.rank, "tp_rank": state.tp_rank, "dp_rank": state.dp_rank,
+                                    "rows": rows})
 if state.rank == 0:
     with open(out, "w") as handle:
         json.dump(everything, handle)

@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from megamem.data_tools.loader import TokenBatches, TrainLoader, blend_pattern, valid_batches
@@ -19,7 +18,8 @@ from tests.paths import REPO
 def make_dataset(tmp_path, name, docs, seq_len=15):
     corpus = tmp_path / f"{name}.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    preprocess(PreprocessArgs([str(corpus)], str(tmp_path / name), seq_len=seq_len, shard_size_mb=0.01, valid_fraction=0.2))
+    preprocess(PreprocessArgs([str(corpus)], str(tmp_path / name), seq_len=seq_len, shard_size_mb=0.01,
+                              valid_fraction=0.2))
     return load_manifest(tmp_path / name)
 
 

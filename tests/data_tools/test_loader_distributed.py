@@ -4,19 +4,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 
-from tests.data_tools.test_loader import make_dataset
+from megamem.ports import free_port
 from tests.data_tools.conftest import documents
+from tests.data_tools.test_loader import make_dataset
 from tests.paths import REPO
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_replicas_share_samples_and_data_parallel_ranks_split_the_epoch(tmp_path):
@@ -26,8 +20,9 @@ def test_replicas_share_samples_and_data_parallel_ranks_split_the_epoch(tmp_path
     env = dict(os.environ, OMP_NUM_THREADS="1", RANK="", WORLD_SIZE="")
     env.pop("RANK"), env.pop("WORLD_SIZE")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
-                             str(free_port()), str(REPO / "tests/data_tools/dist_loader_main.py"), str(manifest.directory),
-                             str(steps), str(out)], env=env, capture_output=True, text=True, timeout=300)
+                             str(free_port()), str(REPO / "tests/data_tools/dist_loader_main.py"),
+                             str(manifest.directory), str(steps), str(out)],
+                            env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = json.loads(out.read_text())
     by_dp = {}
@@ -40,7 +35,8 @@ def test_replicas_share_samples_and_data_parallel_ranks_split_the_epoch(tmp_path
     assert not first & second                               # replicas: disjoint
     everything = {hashlib.sha1(row.tobytes()).hexdigest() for row in _all_rows(manifest)}
     assert len(first) == len(second) == 2 * steps
-    assert first | second == everything if manifest.samples % 4 == 0 else len(everything - (first | second)) == manifest.samples % 4
+    assert (first | second == everything if manifest.samples % 4 == 0
+            else len(everything - (first | second)) == manifest.samples % 4)
 
 
 def _all_rows(manifest):

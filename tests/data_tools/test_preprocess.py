@@ -110,5 +110,6 @@ def test_cli_prints_progress_and_every_count(corpus, tmp_path, capsys):
     for label in ("documents", "empty, skipped", "invalid UTF-8, replaced", "malformed jsonl lines",
                   "jsonl lines without the key", "tokens", "train samples", "valid samples", "peak RSS MB"):
         assert label in out
-    assert main(["preprocess", "--input", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "p"), "--seq-len", "8"]) == 2
+    assert main(["preprocess", "--input", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "p"),
+                 "--seq-len", "8"]) == 2
     assert "input not found" in capsys.readouterr().err

@@ -33,7 +33,7 @@ def test_shards_are_plain_webdataset_tars(tmp_path):
     write_shard(tmp_path, "train-000000.tar", 10, samples)
     got = list(wds.WebDataset(str(tmp_path / "train-000000.tar"), shardshuffle=False).decode())
     assert [s["__key__"] for s in got] == ["000000000010", "000000000011", "000000000012"]
-    assert all((s["tokens.npy"] == row).all() for s, row in zip(got, samples))
+    assert all((s["tokens.npy"] == row).all() for s, row in zip(got, samples, strict=True))
 
 
 def test_corrupt_shard_is_named(dataset):

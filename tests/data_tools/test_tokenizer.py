@@ -26,7 +26,8 @@ def test_token_dtype_fits_the_vocabulary():
 
 def test_train_tokenizer_command_makes_a_loadable_bpe(tmp_path, capsys):
     corpus = tmp_path / "c.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"def function_{i}(x):\n    return x * {i}\n"}) + "\n" for i in range(300)))
+    corpus.write_text("".join(json.dumps({"text": f"def function_{i}(x):\n    return x * {i}\n"}) + "\n"
+                              for i in range(300)))
     out = tmp_path / "tok.json"
     assert main(["train-tokenizer", "--input", str(corpus), "--vocab-size", "400", "--output", str(out)]) == 0
     tokenizer = load_tokenizer(str(out))

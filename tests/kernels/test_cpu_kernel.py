@@ -21,7 +21,7 @@ def test_few_and_many_tokens_match_the_reference(tokens):
     x, tables, bias, dy = inputs(tokens, 8, 5, 70, torch.float32, seed=tokens)
     ours = run(CPU, x, tables, bias, 8, 1.0, "paper", dy)
     ref = run(ReferenceKernel, x, tables, bias, 8, 1.0, "paper", dy)
-    for name, a, b in zip(("y", "dx", "dtables", "dbias"), ours, ref):
+    for name, a, b in zip(("y", "dx", "dtables", "dbias"), ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=name)
 
 
@@ -36,7 +36,7 @@ def test_results_do_not_depend_on_the_thread_count():
         two = run(CPU, x, tables, bias, 8, 1.0, "paper", dy)
     finally:
         torch.set_num_threads(threads)
-    for name, a, b in zip(("y", "dx", "dtables", "dbias"), one, two):
+    for name, a, b in zip(("y", "dx", "dtables", "dbias"), one, two, strict=True):
         assert torch.equal(a, b), name
 
 
@@ -44,7 +44,8 @@ def test_codes_of_another_kernel_are_accepted():
     """Q, K and V gather with codes hashed once; those may come from the reference (int64)."""
     x, tables, bias, _ = inputs(300, 8, 4, 24, torch.float32)
     codes, p = ReferenceKernel.hash(x, 8, 1.0, "paper")
-    torch.testing.assert_close(CPU.gather_sum(codes, p, tables, bias), ReferenceKernel.gather_sum(codes, p, tables, bias))
+    torch.testing.assert_close(CPU.gather_sum(codes, p, tables, bias),
+                               ReferenceKernel.gather_sum(codes, p, tables, bias))
 
 
 def test_float64_is_refused_by_name_and_auto_takes_the_reference():
@@ -61,7 +62,7 @@ def test_float16_matches_an_fp32_reference_to_float16_precision():
     x, tables, bias, dy = inputs(400, 8, 4, 40, torch.float16)
     ours = run(CPU, x, tables, bias, 8, 1.0, "paper", dy)
     exact = run(ReferenceKernel, x.float(), tables.float(), bias.float(), 8, 1.0, "paper", dy)
-    for name, a, b in zip(("y", "dx", "dtables", "dbias"), ours, exact):
+    for name, a, b in zip(("y", "dx", "dtables", "dbias"), ours, exact, strict=True):
         torch.testing.assert_close(a, b, rtol=2**-9, atol=2**-9 * b.abs().max().item(), msg=name)
 
 

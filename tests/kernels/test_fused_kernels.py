@@ -42,7 +42,7 @@ def test_fp32_matches_the_reference(kernel, tau, chunks, d_out, weighting):
     temperature = 0.8 if weighting == "paper" else 1.0
     ours = run(get_kernel(kernel), x, tables, bias, tau, temperature, weighting, dy)
     ref = run(ReferenceKernel, x, tables, bias, tau, temperature, weighting, dy)
-    for name, a, b in zip(("y", "dx", "dtables", "dbias"), ours, ref):
+    for name, a, b in zip(("y", "dx", "dtables", "dbias"), ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=name)
 
 
@@ -52,7 +52,7 @@ def test_bf16_matches_an_fp32_reference_to_bf16_precision(kernel):
     x, tables, bias, dy = inputs(256, 8, 4, 40, torch.bfloat16)
     ours = run(get_kernel(kernel), x, tables, bias, 8, 1.0, "paper", dy)
     exact = run(ReferenceKernel, x.float(), tables.float(), bias.float(), 8, 1.0, "paper", dy)
-    for name, a, b in zip(("y", "dx", "dtables", "dbias"), ours, exact):
+    for name, a, b in zip(("y", "dx", "dtables", "dbias"), ours, exact, strict=True):
         torch.testing.assert_close(a, b, rtol=2**-7, atol=2**-7 * b.abs().max().item(), msg=name)
 
 
@@ -63,7 +63,7 @@ def test_every_token_in_one_bucket(kernel):
     ours = run(get_kernel(kernel), x, tables, None, 8, 1.0, "paper", dy)
     ref = run(ReferenceKernel, x, tables, None, 8, 1.0, "paper", dy)
     assert (ours[2][:, :-1] == 0).all() and ours[2][:, -1].abs().sum() > 0
-    for a, b in zip(ours[:3], ref[:3]):
+    for a, b in zip(ours[:3], ref[:3], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
@@ -101,5 +101,5 @@ def test_a_model_on_a_fused_kernel_matches_the_reference_model(tiny_config, kern
     for loss in losses:
         loss.backward()
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
-    for (name, a), b in zip(reference.named_parameters(), fused.parameters()):
+    for (name, a), b in zip(reference.named_parameters(), fused.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4 * a.grad.abs().max().item() + 1e-9, msg=name)

@@ -65,7 +65,8 @@ def test_gradcheck_inputs_tables_and_bias(weighting):
     torch.manual_seed(1)
     tau, temperature = 4, (0.7 if weighting == "paper" else 1.0)
     x = torch.randn(6, 3 * tau, dtype=torch.float64)
-    x = torch.where(x.abs() < 0.05, torch.full_like(x, 0.3), x).requires_grad_()   # finite differences must not flip a sign
+    # finite differences must not flip a sign
+    x = torch.where(x.abs() < 0.05, torch.full_like(x, 0.3), x).requires_grad_()
     tables = torch.randn(3, 2**tau, 5, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
 

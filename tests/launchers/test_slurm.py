@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from megamem.data_tools.preprocess import PreprocessArgs, preprocess
+from megamem.ports import free_port
 from tests.paths import REPO
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
@@ -36,12 +37,6 @@ def ensure_installed() -> None:
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
     subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES], check=True, env=env,
                    capture_output=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -118,11 +113,14 @@ def test_sbatch_trains_two_ranks_and_checkpoints(cluster, tmp_path, mode, tasks_
     """deepspeed: one task per node runs the deepspeed launcher; srun: one task per rank."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     data = tmp_path / "data"
-    preprocess(PreprocessArgs([str(stdlib / "json"), str(stdlib / "email")], str(data), seq_len=128, valid_fraction=0.1))
+    preprocess(PreprocessArgs([str(stdlib / "json"), str(stdlib / "email")], str(data), seq_len=128,
+                              valid_fraction=0.1))
     run = tmp_path / "run"
-    settings = f"data.path={data} run.dir={run} train.steps=6 train.global_batch_size=16 logging.interval=2 data.num_workers=0"
-    env = dict(cluster, MEGAMEM_CONFIG="configs/cpu-smoke.yaml", MEGAMEM_SET=settings, GPUS_PER_NODE="2", MEGAMEM_MODE=mode,
-               MEGAMEM_VENV=str(Path(sys.executable).parents[1]), OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+    settings = (f"data.path={data} run.dir={run} train.steps=6 train.global_batch_size=16 logging.interval=2 "
+                "data.num_workers=0")
+    env = dict(cluster, MEGAMEM_CONFIG="configs/cpu-smoke.yaml", MEGAMEM_SET=settings, GPUS_PER_NODE="2",
+               MEGAMEM_MODE=mode, MEGAMEM_VENV=str(Path(sys.executable).parents[1]), OMP_NUM_THREADS="1",
+               MASTER_PORT=str(free_port()))
     output = tmp_path / "job.out"
     submitted = subprocess.run(["sbatch", "--parsable", "--nodes=1", f"--ntasks-per-node={tasks_per_node}",
                                 f"--chdir={REPO}", f"--output={output}",
@@ -143,7 +141,8 @@ def test_preempted_job_checkpoints_and_its_requeued_run_resumes(cluster, tmp_pat
     again; --requeue in the script allows that, and the rerun resumes from the checkpoint written on SIGTERM."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     data = tmp_path / "data"
-    preprocess(PreprocessArgs([str(stdlib / "json"), str(stdlib / "email")], str(data), seq_len=128, valid_fraction=0.1))
+    preprocess(PreprocessArgs([str(stdlib / "json"), str(stdlib / "email")], str(data), seq_len=128,
+                              valid_fraction=0.1))
     run = tmp_path / "run"
     settings = (f"data.path={data} run.dir={run} train.steps=120 train.global_batch_size=16 logging.interval=1 "
                 f"data.num_workers=0 checkpoint.interval=1000 train.eval_interval=1000")

@@ -8,7 +8,6 @@ from megamem.config import load_config
 from megamem.kernels.reference import ReferenceKernel
 from megamem.model import DenseBlock, MemoryFormerBlock, build_model
 from megamem.model.memory_layer import MemoryLayer
-
 from tests.paths import CONFIGS
 
 
@@ -16,7 +15,8 @@ def table_params(model) -> int:
     return sum(m.tables.numel() for m in model.modules() if isinstance(m, MemoryLayer))
 
 
-@pytest.mark.parametrize("name, billions", [("memoryformer-tiny", 0.42), ("memoryformer-small", 1.87), ("memoryformer-base", 6.64)])
+@pytest.mark.parametrize("name, billions", [("memoryformer-tiny", 0.42), ("memoryformer-small", 1.87),
+                                            ("memoryformer-base", 6.64)])
 def test_table_parameters_match_the_spec(name, billions):
     config = load_config([CONFIGS / f"{name}.yaml"])
     m = config.model
@@ -27,7 +27,8 @@ def test_table_parameters_match_the_spec(name, billions):
     assert round(table_params(model) / 1e9, 2) == billions
 
 
-@pytest.mark.parametrize("name, total", [("pythia-70m", 70_426_624), ("pythia-160m", 162_322_944), ("pythia-410m", 405_334_016)])
+@pytest.mark.parametrize("name, total", [("pythia-70m", 70_426_624), ("pythia-160m", 162_322_944),
+                                         ("pythia-410m", 405_334_016)])
 def test_dense_baselines_have_pythias_parameter_counts(name, total):
     model = build_model(load_config([CONFIGS / f"{name}.yaml"]), device="meta")
     assert sum(p.numel() for p in model.parameters()) == total

@@ -9,10 +9,24 @@ import torch
 from megamem.model import build_model, lm_loss
 
 
-def test_logits_cover_the_padded_vocabulary(tiny_config):
+def test_tables_hold_the_padded_vocabulary_and_logits_the_real_one(tiny_config):
     model = build_model(tiny_config)
+    assert model.embed.weight.shape[0] == model.head.weight.shape[0] == 128   # 97 padded to the multiple of 64 x tp 1
     logits = model(torch.randint(0, 97, (2, 32)))
-    assert logits.shape == (2, 32, 128)            # 97 padded to the config's multiple of 64 x tp 1
+    assert logits.shape == (2, 32, 97)             # padded ids are never predicted
+
+
+def test_meta_build_then_materialize_equals_a_direct_build(tiny_config):
+    from megamem.model.init import materialize
+
+    direct = build_model(tiny_config)
+    meta = build_model(tiny_config, device="meta")
+    assert all(p.is_meta for p in meta.parameters())
+    materialize(meta, "cpu", tiny_config.run.seed)
+    for (name, a), (_, b) in zip(direct.named_parameters(), meta.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    tiny_config.run.seed += 1
+    assert not torch.equal(build_model(tiny_config).embed.weight, direct.embed.weight)
 
 
 def test_untied_by_default_and_tie_option(tiny_config):

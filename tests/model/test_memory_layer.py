@@ -20,7 +20,8 @@ def test_gradcheck_module_float64(weighting):
     def run(x, tables, bias):
         return torch.func.functional_call(layer, {"tables": tables, "bias": bias}, (x,))
 
-    assert torch.autograd.gradcheck(run, (x, layer.tables.detach().requires_grad_(), layer.bias.detach().requires_grad_()))
+    assert torch.autograd.gradcheck(run, (x, layer.tables.detach().requires_grad_(),
+                                          layer.bias.detach().requires_grad_()))
 
 
 @pytest.mark.parametrize("tau", [4, 8, 10, 12])
@@ -47,9 +48,12 @@ def test_shared_hashing_and_observed_path_equal_the_fused_forward():
     fused = layer(x)
     torch.testing.assert_close(layer(x, layer.hash(x)), fused)
     seen = []
-    layer.observer = lambda module, codes, p: seen.append((module, codes.shape, p.shape))
+    layer.observer = lambda module, codes, p, first: seen.append((module, codes.shape, p.shape, first))
     torch.testing.assert_close(layer(x), fused)
-    assert seen == [(layer, (5, 2), (5, 2))]
+    layer.hash(x[:, 8:], first_chunk=1)
+    assert seen == [(layer, (5, 2), (5, 2), 0), (layer, (5, 1), (5, 1), 1)]
+    with pytest.raises(ValueError, match=r"shape \(5, 12\) does not split into them"):
+        layer.hash(x[:, :12])
 
 
 def test_init_follows_the_paper_and_the_released_bias():

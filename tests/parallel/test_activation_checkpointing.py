@@ -17,5 +17,5 @@ def test_same_loss_gradients_and_names(tiny_config):
     for model in (plain, checkpointed):
         lm_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
     assert list(plain.state_dict()) == list(checkpointed.state_dict())
-    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, msg=name)

@@ -51,3 +51,28 @@ def test_evaluation_is_not_counted():
     block.q.hash(all_codes_once())
     assert stats.counts["blocks.0.qkv"].sum() == 0
     assert math.isclose(stats.summary()["blocks.0.qkv"]["unused_fraction"], 1.0)
+
+
+def test_watching_keeps_the_fused_path():
+    """The observer takes the codes the fused kernel returns: no separate hash, no unfused gather."""
+    calls = []
+
+    class Counting:
+        name = "counting"
+
+        @staticmethod
+        def hash(*args):
+            calls.append("hash")
+            return get_kernel("reference").hash(*args)
+
+        @staticmethod
+        def hash_gather_sum(*args, with_codes=False):
+            calls.append(("hash_gather_sum", with_codes))
+            return get_kernel("reference").hash_gather_sum(*args, with_codes=with_codes)
+
+    block = OneBlock()
+    block.ml1.kernel = Counting
+    stats = BucketStats(torch.nn.ModuleDict({"blocks": torch.nn.ModuleList([block])}))
+    block.ml1(all_codes_once())
+    assert calls == [("hash_gather_sum", True)]
+    assert stats.summary()["blocks.0.ml1"]["entropy"] == pytest.approx(1.0)

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 ENTRY_POINTS = {
-    "megamem CLI": "from megamem.cli.main import main\ntry:\n    main(['plan', '--help'])\nexcept SystemExit:\n    pass",
+    "megamem CLI": "from megamem.cli.main import main\ntry:\n    main(['plan', '--help'])\n"
+                   "except SystemExit:\n    pass",
     "training rank": "from megamem.training.entry import main\nmain(['--config', 'missing.yaml'])",
 }
 

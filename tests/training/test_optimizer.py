@@ -24,7 +24,8 @@ def test_groups_cover_every_parameter_once_with_their_settings(config):
     assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
     assert groups["tables"]["weight_decay"] == 0.0 and groups["tables"]["lr"] == 2 * config.optimizer.lr
     assert groups["norms_and_biases"]["weight_decay"] == groups["other"]["weight_decay"] == 0.1
-    assert all(p.dim() == 3 for p in groups["tables"]["params"]) and all(p.dim() == 1 for p in groups["norms_and_biases"]["params"])
+    assert (all(p.dim() == 3 for p in groups["tables"]["params"])
+            and all(p.dim() == 1 for p in groups["norms_and_biases"]["params"]))
     config.optimizer.norm_weight_decay = False
     assert {g["name"]: g["weight_decay"] for g in parameter_groups(model, config.optimizer)}["norms_and_biases"] == 0.0
 

@@ -52,7 +52,8 @@ def test_outputs_metrics_and_tensorboard_tags(shards, tmp_path):
     assert "tensorboard --logdir" in result.stdout and "step 12/12" in result.stdout
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "step-00000012" / "megamem.json").is_file()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [0, 2, 4, 6, 8, 10, 12] and set(records[0]) == {"step", "valid_loss", "valid_perplexity"}
+    assert ([r["step"] for r in records] == [0, 2, 4, 6, 8, 10, 12]
+            and set(records[0]) == {"step", "valid_loss", "valid_perplexity"})
     records = records[1:]
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_sec", "tflops_per_gpu", "samples_per_sec", "mfu",
                 "loss_scale", "data_ms", "forward_ms", "backward_ms", "optimizer_ms", "memory_gb", "buckets"):
@@ -75,7 +76,8 @@ def test_outputs_metrics_and_tensorboard_tags(shards, tmp_path):
 
 
 def test_zero_stages_on_two_ranks_match_one_process(shards, tmp_path):
-    """Same global batch (16 = 4 x 4 accumulation on one rank, 4 x 2 accumulation x 2 ranks), fp32: the per-step losses may differ
+    """Same global batch (16 = 4 x 4 accumulation on one rank, 4 x 2 accumulation x 2 ranks), fp32: the per-step losses
+    may differ
     only by the order of floating-point sums (gradient all-reduce vs local accumulation), about 1e-7 relative per
     step, amplified over 10 Adam steps. The hash amplifies it further: a rounding-level change can send a token to
     another row (see the export check below), and losses were seen 1.1e-4 apart by step 8. 1e-3 relative is still
@@ -147,7 +149,8 @@ def test_sigterm_saves_and_resume_continues_exactly(shards, tmp_path):
         torch.cuda.is_available(), reason="fp16 is refused on CPU only")),
 ])
 def test_layouts_the_process_count_cannot_satisfy_are_refused(shards, tmp_path, overrides, nproc, message):
-    command = [sys.executable, "-m", "megamem.cli.main", "train", str(CONFIGS / "cpu-smoke.yaml"), "--nproc", str(nproc),
+    command = [sys.executable, "-m", "megamem.cli.main", "train", str(CONFIGS / "cpu-smoke.yaml"),
+               "--nproc", str(nproc),
                "--set", f"data.path={shards}", "--set", f"run.dir={tmp_path / 'run'}"]
     for override in overrides:
         command += ["--set", override]

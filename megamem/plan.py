@@ -3,8 +3,10 @@
 How a user sizes a billion-parameter MemoryFormer before queueing it. Tables
 dominate the parameters (spec section 3), so the plan separates them from the
 rest. Rules (shared/spec/parallel.md):
-- tensor parallelism splits tables, Linear weights, the embedding and the head
-  over tp; 1-D parameters (norms, biases) are counted as replicated;
+- tensor parallelism splits parameters as megamem.parallel.parallelize does
+  (the plan applies it to a meta model): tables by columns or by whole tables,
+  Norm3 with ML1's columns, Linear weights, the embedding and the head; norms
+  on the residual and biases added once stay whole on every rank;
 - pipeline stages get contiguous blocks, the embedding on the first stage and
   final norm + head on the last (a tied embedding lives on both);
 - ZeRO 1 splits optimizer state over dp, ZeRO 2 also gradients, ZeRO 3 also weights;
@@ -22,48 +24,48 @@ import dataclasses
 from megamem.config.schema import Config
 from megamem.config.validate import padded_vocab_size
 from megamem.model.build import build_model
+from megamem.parallel.mappings import TensorParallelGroup
+from megamem.parallel.parallelize import parallelize
 from megamem.parallel.pipeline_layout import blocks_per_stage, stage_of_block
+from megamem.parallel.state import ParallelState
 
 GIB = 1024**3
 
 
 @dataclasses.dataclass
 class StageParams:
-    tables: int = 0
-    sharded: int = 0          # split over tp (tables included)
-    replicated: int = 0       # 1-D: norms, biases
+    tables: int = 0           # this rank's
+    params: int = 0           # this rank's, tables included
     blocks: int = 0
 
-    def per_rank(self, tp: int) -> int:
-        return self.sharded // tp + self.replicated
 
+def _stage_params(config: Config, tp: int, pp: int) -> tuple[list[StageParams], dict[str, int]]:
+    """Parameters of tensor-parallel rank 0 on each stage, and of the whole model.
 
-def _stage_params(config: Config, pp: int) -> tuple[list[StageParams], dict[str, int]]:
+    The rank's shapes come from megamem.parallel.parallelize applied to a meta
+    model, the very code a training rank runs, so the plan is what it allocates.
+    """
+    whole_model = build_model(config, device="meta")
+    whole = {"table_params": 0, "other_params": 0}
+    for name, param in whole_model.named_parameters():
+        whole["table_params" if name.endswith(".tables") else "other_params"] += param.numel()
     model = build_model(config, device="meta")
+    state = ParallelState(tp, pp, 1, 0, tensor_parallel=TensorParallelGroup(None, tp, 0))
+    parallelize(model, config, state)
     counts = blocks_per_stage(len(model.blocks), pp)
     stages = [StageParams(blocks=n) for n in counts]
-    whole = {"table_params": 0, "other_params": 0}
-    seen: set[int] = set()
     for name, param in model.named_parameters(remove_duplicate=False):
         if name.startswith("embed."):
-            owners = [0]
+            stage = 0
         elif name.startswith("blocks."):
-            owners = [stage_of_block(int(name.split(".")[1]), counts)]
+            stage = stage_of_block(int(name.split(".")[1]), counts)
         else:
-            owners = [pp - 1]
-        is_table = name.endswith(".tables")
-        sharded = is_table or param.dim() == 2
-        for stage in owners:
-            target = stages[stage]
-            if is_table:
-                target.tables += param.numel()
-            if sharded:
-                target.sharded += param.numel()
-            else:
-                target.replicated += param.numel()
-        if id(param) not in seen:
-            seen.add(id(param))
-            whole["table_params" if is_table else "other_params"] += param.numel()
+            stage = pp - 1
+        if name == "head.weight" and config.model.tie_embeddings and stage == 0:
+            continue                              # one stage: the tied table once
+        stages[stage].params += param.numel()
+        if name.endswith(".tables"):
+            stages[stage].tables += param.numel()
     return stages, whole
 
 
@@ -85,7 +87,7 @@ def _block_activation_bytes_per_token(config: Config, act_bytes: int) -> int:
 def plan_report(config: Config, tp: int, pp: int, dp: int, zero: int, micro_batch: int, gpu_mem_gib: float) -> dict:
     """Parameters and bytes per rank of the layout; the config's parallel section is ignored for tp/pp/zero."""
     config = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, tp=tp, pp=pp, zero_stage=zero))
-    stages, whole = _stage_params(config, pp)
+    stages, whole = _stage_params(config, tp, pp)
     precision = config.train.precision
     act_bytes = 4 if precision == "fp32" else 2
     weight_bytes, optim_bytes = (4, 8) if precision == "fp32" else (2, 12)
@@ -97,7 +99,7 @@ def plan_report(config: Config, tp: int, pp: int, dp: int, zero: int, micro_batc
 
     rows = []
     for index, stage in enumerate(stages):
-        params = stage.per_rank(tp)
+        params = stage.params
         in_flight = pp - index                    # 1F1B: stage i holds pp - i micro-batches
         if config.train.activation_checkpointing:
             act = tokens * (stage.blocks * d * act_bytes + per_block) // tp
@@ -115,7 +117,7 @@ def plan_report(config: Config, tp: int, pp: int, dp: int, zero: int, micro_batc
         }
         sizes["total"] = sum(sizes.values())
         rows.append({"stage": index, "blocks": stage.blocks, "params": params,
-                     "table_params": stage.tables // tp, "bytes": sizes})
+                     "table_params": stage.tables, "bytes": sizes})
     worst = max(rows, key=lambda row: row["bytes"]["total"])
     return {
         "layout": {"tp": tp, "pp": pp, "dp": dp, "zero_stage": zero, "world_size": tp * pp * dp,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 
 from megamem.errors import MegamemError
+from megamem.parallel.mappings import TensorParallelGroup
 
 
 @dataclass
@@ -21,6 +22,7 @@ class ParallelState:
     dp: int
     rank: int
     groups: dict = field(default_factory=dict, repr=False)
+    tensor_parallel: TensorParallelGroup = field(default_factory=TensorParallelGroup.single, repr=False)
 
     @classmethod
     def for_world(cls, tp: int, pp: int, world_size: int, rank: int) -> ParallelState:
@@ -70,6 +72,7 @@ class ParallelState:
                 if members not in seen:
                     seen[members] = dist.new_group(list(members))
             self.groups[kind] = seen[tuple(self.ranks_of(kind))]
+        self.tensor_parallel = TensorParallelGroup(self.groups["tp"], self.tp, self.tp_rank)
 
     def group(self, kind: str):
         if kind not in self.groups:

@@ -97,9 +97,16 @@ class ScheduleConfig:
 
 @dataclass
 class ParallelConfig:
+    """Layout of a run (shared/spec/parallel.md). `table_sharding`: how tensor parallelism splits a
+    Memory Layer, by output columns (codes and p all-gathered; the default) or by whole tables (codes
+    and p routed to each table's owner, partial sums reduce-scattered). `p_dtype`: the dtype p and its
+    gradient travel in between ranks (computed in fp32 either way)."""
+
     tp: int = 1
     pp: int = 1
     zero_stage: int = 1
+    table_sharding: Literal["column", "table"] = "column"
+    p_dtype: Literal["fp32", "fp16"] = "fp32"
 
 
 @dataclass

@@ -152,6 +152,11 @@ class _Checker:
                       f"tp must divide K = hidden_size / tau = {num_chunks(m)}, the chunk count of every Memory "
                       "Layer (ML1's column slice is ML2's chunks; the table layout gives each rank K / tp tables)",
                       f"choose parallel.tp among the divisors of {num_chunks(m)}")
+        if m.seq_len % p.tp:
+            self.fail(("parallel.tp", "model.seq_len"),
+                      "tp must divide the positions of a sequence (the sequence-parallel residual gives each "
+                      "rank seq_len / tp of every sequence)",
+                      f"choose parallel.tp among the divisors of {m.seq_len}, or a seq_len that tp divides")
 
     def training(self) -> None:
         t, o, s = self.config.train, self.config.optimizer, self.config.schedule

@@ -46,10 +46,9 @@ def check_layout(config, world_size: int) -> int:
     if config.train.precision == "fp16" and not torch.cuda.is_available():
         raise MegamemError("train.precision=fp16: DeepSpeed has no fp16 on CPU. Fix: use train.precision=bf16 or fp32 "
                            "on CPU (fp16 with dynamic loss scaling runs on GPUs)")
-    if par.tp > 1 or par.pp > 1:
-        raise MegamemError(f"parallel.tp={par.tp}, parallel.pp={par.pp}: this version of megamem trains with data "
-                           f"parallelism and ZeRO only. Fix: set parallel.tp=1 and parallel.pp=1 "
-                           f"(megamem plan sizes larger layouts)")
+    if par.pp > 1:
+        raise MegamemError(f"parallel.pp={par.pp}: this version of megamem trains with tensor and data parallelism "
+                           f"only. Fix: set parallel.pp=1 (megamem plan sizes pipelined layouts)")
     return validate_world(config, world_size)
 
 
@@ -71,9 +70,11 @@ def run_training(config, resume: str) -> None:
     from megamem.config import save_config
     from megamem.data_tools.loader import TrainLoader
     from megamem.flops import flops_report
-    from megamem.model import build_model, lm_loss
+    from megamem.model import build_model
     from megamem.model.init import materialize
     from megamem.parallel.activation_checkpointing import apply_activation_checkpointing
+    from megamem.parallel.deepspeed_mpu import DeepSpeedMPU
+    from megamem.parallel.parallelize import parallelize
     from megamem.parallel.state import ParallelState
     from megamem.training.bucket_stats import BucketStats
     from megamem.training.checkpoint import find_resume
@@ -104,21 +105,24 @@ def run_training(config, resume: str) -> None:
                          config.data.num_workers)
 
     torch.manual_seed(config.run.seed)
-    model = materialize(build_model(config, device="meta"), device, config.run.seed)
+    model = build_model(config, device="meta")
+    loss_fn = parallelize(model, config, state)
+    materialize(model, device, config.run.seed)
     if config.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     optimizer = build_optimizer(model, config.optimizer)
     scheduler = build_scheduler(optimizer, config.train.steps, config.schedule, config.optimizer.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(config, dp))
+                                           config=deepspeed_config(config, dp), mpu=DeepSpeedMPU(state))
     flops_per_token = flops_report(config, config.model.seq_len)["model"]["training_flops_per_token"]
     logger = MetricsLogger(run_dir, rank == 0, config.logging.tensorboard, config.train.steps)
-    trainer = Trainer(config, state, engine, lm_loss, loader, manifests, logger, BucketStats(engine.module),
+    trainer = Trainer(config, state, engine, loss_fn, loader, manifests, logger, BucketStats(engine.module),
                       flops_per_token, device)
     if resume_from is not None:
         trainer.load(resume_from)
     signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
-    logger.message(f"megamem: training {config.model.arch} on {world} rank(s) (dp={dp}, ZeRO {par.zero_stage}, "
+    layout = f"tp={par.tp} ({par.table_sharding} tables), dp={dp}" if par.tp > 1 else f"dp={dp}"
+    logger.message(f"megamem: training {config.model.arch} on {world} rank(s) ({layout}, ZeRO {par.zero_stage}, "
                    f"{config.train.precision}) into {run_dir}; watch with: "
                    f"tensorboard --logdir {run_dir / 'tensorboard'}")
     trainer.fit()

@@ -17,6 +17,8 @@ SMOKE = CONFIGS / "cpu-smoke.yaml"
     (["model.tau=3"], r"model\.tau=3: tau must lie in \[4, 12\]"),
     (["model.tau=13"], r"tau must lie in \[4, 12\]"),
     (["parallel.tp=8"], r"parallel\.tp=8, model\.num_heads=4: tp must divide the number of heads"),
+    (["parallel.tp=4", "model.seq_len=130"], r"parallel\.tp=4, model\.seq_len=130: tp must divide the positions"),
+    (["parallel.table_sharding=rows"], r"parallel\.table_sharding must be 'column' or 'table'"),
     (["model.hidden_size=64", "model.num_heads=16", "parallel.tp=16", "model.rotary_fraction=0.5"],
      r"parallel\.tp=16, model\.hidden_size=64, model\.tau=8: tp must divide K = hidden_size / tau = 8"),
     (["parallel.pp=2", "parallel.zero_stage=3"], r"DeepSpeed refuses ZeRO stage 2 or 3 with pipeline parallelism"),

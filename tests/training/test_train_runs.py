@@ -104,6 +104,36 @@ def test_zero_stages_on_two_ranks_match_one_process(shards, tmp_path):
         torch.testing.assert_close(param, reference[name], rtol=0, atol=5e-3, msg=name)
 
 
+def test_tensor_parallel_runs_match_one_process(shards, tmp_path):
+    """tp = 2 in both table layouts, and tp = 2 x dp = 2 under ZeRO 1, 2 and 3, against one process, fp32, same
+    global batch of 16. Split layers add the same terms as whole ones, in another order only where a sum crosses
+    ranks (p's gradient, Norm3's statistics, the vocabulary-parallel softmax, the data-parallel all-reduce), so the
+    losses agree to float32 rounding: 1.2e-7 relative at most over these 10 steps when measured. 1e-4 leaves room
+    for a hash flip near zero, which moves a token to another row (the ZeRO test above saw 1.1e-4 from such flips
+    by step 8), and is far below the loss's change per step (>1e-2), which a wrong reduction would show."""
+    batch = ["train.global_batch_size=16", "train.eval_interval=1000"]
+    train(shards, tmp_path / "one", *batch)
+    reference = losses(tmp_path / "one")
+    layouts = {"column": (2, ["parallel.tp=2"]), "table": (2, ["parallel.tp=2", "parallel.table_sharding=table"]),
+               **{f"dp2-zero{z}": (4, ["parallel.tp=2", f"parallel.zero_stage={z}"]) for z in (1, 2, 3)}}
+    for name, (nproc, overrides) in layouts.items():
+        result = train(shards, tmp_path / name, *batch, *overrides, nproc=nproc)
+        assert "tp=2" in result.stdout, name
+        got = losses(tmp_path / name)
+        assert sorted(got) == list(range(1, 11)), name
+        for step in range(1, 11):
+            assert got[step] == pytest.approx(reference[step], rel=1e-4), (name, step)
+
+    # The exported tp = 2 model is the one-process model (vocabulary cut to the one-process padding); the hash makes
+    # weights-to-codes discontinuous, so allow about one Adam step (the LR, 3e-3) as in the ZeRO export check above.
+    model, config = load_exported_from(tmp_path / "dp2-zero2")
+    one, _ = load_exported_from(tmp_path / "one")
+    assert config.parallel.tp == 1 and model.embed.weight.shape == one.embed.weight.shape
+    reference = dict(one.named_parameters())
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param, reference[name], rtol=0, atol=3e-3, msg=name)
+
+
 def load_exported_from(run_dir):
     target = run_dir / "model.safetensors"
     result = subprocess.run([sys.executable, "-m", "megamem.cli.main", "export", str(run_dir), "--output", str(target)],
@@ -143,7 +173,8 @@ def test_sigterm_saves_and_resume_continues_exactly(shards, tmp_path):
                                        r"data-parallel size 2 = 8"),
     (["train.global_batch_size=16"], 3, r"global_batch_size=16 is not a multiple of train.micro_batch_size=4 x "
                                         r"data-parallel size 3 = 12"),
-    (["parallel.tp=2", "train.global_batch_size=16"], 2, r"trains with data parallelism and ZeRO only"),
+    (["parallel.pp=2", "train.global_batch_size=16"], 2, r"trains with tensor and data parallelism only"),
+    (["parallel.tp=2"], 3, r"3 processes cannot host parallel.tp=2 x parallel.pp=1 = 2 ranks per replica"),
     (["parallel.pp=2", "parallel.zero_stage=2"], 1, r"DeepSpeed refuses ZeRO stage 2 or 3 with pipeline parallelism"),
     pytest.param(["train.precision=fp16"], 1, r"DeepSpeed has no fp16 on CPU", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="fp16 is refused on CPU only")),

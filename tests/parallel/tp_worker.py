@@ -1,0 +1,236 @@
+"""Run by torchrun from test_tensor_parallel.py: one scenario on every rank, results as JSON from rank 0.
+
+    python -m torch.distributed.run --nproc_per_node N tests/parallel/tp_worker.py SCENARIO OUT.json [ARGS...]
+
+Each scenario computes the single-process answer on every rank (same seed, same
+inputs) and the tensor-parallel one, and reports the largest differences; the
+test decides what is close enough.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from megamem.config import load_config
+from megamem.kernels import get_kernel
+from megamem.model import build_model, lm_loss
+from megamem.model.init import materialize
+from megamem.model.memory_layer import MemoryLayer
+from megamem.parallel import mappings, traffic
+from megamem.parallel.hashed_exchange import gather_hashed, route_hashed
+from megamem.parallel.marks import partitions, shard_parameter
+from megamem.parallel.parallelize import parallelize
+from megamem.parallel.state import ParallelState
+from megamem.training.export import join_tensor_parallel
+from tests.paths import CONFIGS
+
+SMALL = ["model.hidden_size=64", "model.num_heads=4", "model.num_layers=2", "model.seq_len=32", "model.vocab_size=97",
+         "train.precision=fp32"]
+
+
+def worst(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Largest absolute difference, and relative to the larger magnitude of b."""
+    diff = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    return {"abs": diff, "scale": b.double().abs().max().item() if b.numel() else 0.0,
+            "shape_equal": tuple(a.shape) == tuple(b.shape)}
+
+
+def gather_dim(x: torch.Tensor, dim: int, state: ParallelState) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(state.tp)]
+    dist.all_gather(parts, x.contiguous(), group=state.group("tp"))
+    return torch.cat(parts, dim)
+
+
+def local(x: torch.Tensor, dim: int, state: ParallelState) -> torch.Tensor:
+    return x.chunk(state.tp, dim)[state.tp_rank]
+
+
+def collectives(state: ParallelState, _args) -> dict:
+    """Each autograd collective against the single-process computation it stands for, forward and backward.
+
+    The ranks together compute one loss, L = sum(whole * weight): rank r holds
+    its part of the input and weighs its part of the output (a share c_r of it
+    where every rank holds the whole output). Each rank's input gradient must
+    then be its part of dL/d(input).
+    """
+    tp, r = state.tensor_parallel, state.tp_rank
+    torch.manual_seed(0)
+    whole = torch.randn(3, 4 * state.tp, 8 * state.tp, dtype=torch.float64)      # the same on every rank
+    weight = torch.randn_like(whole)
+    share = (r + 1) / (state.tp * (state.tp + 1) / 2)                           # the c_r add up to 1
+    cases = {   # name: (collective, this rank's input, expected output, output weight, expected input gradient)
+        "all_gather": (lambda x: mappings.all_gather(x, 1, tp), local(whole, 1, state), whole, weight * share,
+                       local(weight, 1, state)),
+        "reduce_scatter": (lambda x: mappings.reduce_scatter(x, 2, tp), whole * share, local(whole, 2, state),
+                           local(weight, 2, state), weight),
+        "all_to_all": (lambda x: mappings.all_to_all(x, 1, 2, tp), local(whole, 2, state), local(whole, 1, state),
+                       local(weight, 1, state), local(weight, 2, state)),
+        "all_reduce": (lambda x: mappings.all_reduce(x, tp), whole * share, whole, weight * share, weight),
+    }
+    out = {}
+    for name, (collective, x, expected, out_weight, expected_grad) in cases.items():
+        x = x.clone().requires_grad_()
+        y = collective(x)
+        (y * out_weight).sum().backward()
+        out[name] = {"forward": worst(y, expected), "backward": worst(x.grad, expected_grad)}
+    w = torch.randn(8 * state.tp, dtype=torch.float64).requires_grad_()        # replicated, used on local tokens
+    (mappings.replicated_grad(w, tp) * local(whole, 1, state)).sum().backward()
+    out["replicated_grad"] = {"backward": worst(w.grad, whole.sum((0, 1)))}
+    return out
+
+
+def layer(state: ParallelState, args) -> dict:
+    """One Memory Layer split by columns or by tables: output and every gradient at full shape, codes and p bitwise."""
+    layout, kernel = args
+    tp = state.tensor_parallel
+    torch.manual_seed(1)
+    plain = MemoryLayer(64, 48, tau=8, kernel=get_kernel(kernel), bias=True)
+    x = torch.randn(2, 16, 64)
+    grad_y = torch.randn(2, 16, 48)
+    x_plain = x.clone().requires_grad_()
+    y_plain = plain(x_plain)
+    (y_plain * grad_y).sum().backward()
+
+    sharded = MemoryLayer(64, 48, tau=8, kernel=get_kernel(kernel), bias=True)
+    sharded.load_state_dict(plain.state_dict())
+    x_local = local(x, 1, state).clone().requires_grad_()
+    codes_ref, p_ref = get_kernel(kernel).hash(x, 8, 1.0, "paper")          # what one process computes
+    if layout == "column":
+        shard_parameter(sharded, "tables", 2, tp)
+        shard_parameter(sharded, "bias", 0, tp)
+        hashed = gather_hashed(sharded.hash(x_local), 1, 8, tp, "fp32")
+        y_mine = sharded(None, hashed)                                     # [B, S, d_out / tp]
+        y = gather_dim(y_mine.detach(), 2, state)
+        (y_mine * local(grad_y, 2, state)).sum().backward()
+        grads = {"tables": gather_dim(sharded.tables.grad, 2, state), "bias": gather_dim(sharded.bias.grad, 0, state)}
+        codes_seen, p_seen = hashed
+        codes_expected, p_expected = codes_ref, p_ref
+    else:
+        shard_parameter(sharded, "tables", 0, tp)
+        hashed = route_hashed(sharded.hash(x_local), 1, 8, tp, "fp32")
+        part = sharded(None, hashed, with_bias=False)
+        y_local = mappings.reduce_scatter(part, 1, tp) + mappings.replicated_grad(sharded.bias, tp)
+        y = gather_dim(y_local.detach(), 1, state)
+        (y_local * local(grad_y, 1, state)).sum().backward()
+        grads = {"tables": gather_dim(sharded.tables.grad, 0, state), "bias": sharded.bias.grad}
+        codes_seen, p_seen = hashed
+        codes_expected, p_expected = local(codes_ref, 2, state), local(p_ref, 2, state)
+    bitwise = {"codes": bool(torch.equal(codes_seen.long(), codes_expected.long())),
+               "p": bool(torch.equal(p_seen, p_expected))}
+    flags = torch.tensor([bitwise["codes"], bitwise["p"]], dtype=torch.int32)
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=state.group("tp"))
+    return {"y": worst(y, y_plain.detach()), "x": worst(gather_dim(x_local.grad, 1, state), x_plain.grad),
+            "tables": worst(grads["tables"], plain.tables.grad), "bias": worst(grads["bias"], plain.bias.grad),
+            "codes_bitwise_all_ranks": bool(flags[0]), "p_bitwise_all_ranks": bool(flags[1])}
+
+
+def model(state: ParallelState, args) -> dict:
+    """The whole model at tp against one process: initial weights, logits, loss and every gradient."""
+    arch, layout, p_dtype = args
+    overrides = [*SMALL, f"model.arch={arch}", f"parallel.table_sharding={layout}", f"parallel.p_dtype={p_dtype}",
+                 "model.memory_bias=true"]
+    single = build_model(load_config([CONFIGS / "cpu-smoke.yaml"], overrides))
+    config = load_config([CONFIGS / "cpu-smoke.yaml"], [*overrides, f"parallel.tp={state.tp}"])
+    sharded = build_model(config, device="meta")
+    loss_fn = parallelize(sharded, config, state)
+    materialize(sharded, "cpu", config.run.seed)
+
+    torch.manual_seed(2)
+    tokens = torch.randint(0, 97, (2, 33))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    logits_single = single(inputs)
+    loss_single = lm_loss(logits_single, targets)
+    loss_single.backward()
+    logits_local = sharded(inputs)
+    loss = loss_fn(logits_local, targets)
+    loss.backward()
+    logits = gather_dim(logits_local.detach(), -1, state)[..., :97]
+
+    parts = partitions(sharded)
+    every = [None] * state.tp
+    mine = {name: (param.detach(), param.grad) for name, param in sharded.named_parameters()}
+    dist.all_gather_object(every, mine, group=state.group("tp"))
+    weights = join_tensor_parallel([{n: w for n, (w, _) in rank.items()} for rank in every], parts)
+    grads = join_tensor_parallel([{n: g for n, (_, g) in rank.items()} for rank in every], parts)
+    out = {"logits": worst(logits, logits_single.detach()), "loss": worst(loss.detach(), loss_single.detach()),
+           "weights": {}, "grads": {}}
+    for name, param in single.named_parameters():
+        rows = param.shape[0]
+        out["weights"][name] = worst(weights[name][:rows], param.detach())
+        out["grads"][name] = worst(grads[name][:rows], param.grad)
+    return out
+
+
+BYTE_CASES = [("memoryformer", "column", "fp32", False), ("memoryformer", "column", "fp16", False),
+              ("memoryformer", "table", "fp32", True), ("memoryformer", "table", "fp16", False),
+              ("dense", "column", "fp32", False)]
+
+
+def block_bytes(state: ParallelState, _args) -> list[dict]:
+    """Bytes one block moves forward and backward, counted, next to megamem.parallel.traffic's formula."""
+    out = []
+    for arch, layout, p_dtype, bias in BYTE_CASES:
+        config = load_config([CONFIGS / "cpu-smoke.yaml"], [
+            *SMALL, f"model.arch={arch}", f"parallel.tp={state.tp}", f"parallel.table_sharding={layout}",
+            f"parallel.p_dtype={p_dtype}", f"model.memory_bias={str(bias).lower()}", "model.norm2=layernorm"])
+        model = build_model(config, device="meta")
+        parallelize(model, config, state)
+        materialize(model, "cpu", 0)
+        batch, m = 3, config.model
+        x = torch.randn(batch, m.seq_len // state.tp, m.hidden_size, requires_grad=True)
+        counter = state.tensor_parallel.counter
+        counter.reset()
+        y = model.blocks[0](x)
+        y.backward(torch.randn_like(y))
+        tokens = batch * m.seq_len
+        formula = (traffic.memoryformer_block(m, state.tp, layout, p_dtype, 4, tokens) if arch == "memoryformer"
+                   else traffic.pythia_block(m, state.tp, 4, tokens))
+        out.append({"case": [arch, layout, p_dtype, bias], "forward": counter.total("forward"),
+                    "backward": counter.total("backward"), "formula_forward": formula.forward,
+                    "formula_backward": formula.backward})
+    return out
+
+
+ALLOCATION_CASES = [[], ["parallel.table_sharding=table", "model.memory_bias=true"], ["model.arch=dense"],
+                    ["model.tie_embeddings=true", "model.norm3=rmsnorm"]]
+
+
+def allocation(state: ParallelState, _args) -> list[dict]:
+    """What each rank holds after building as training does: parameters and table values, per case and rank."""
+    out = []
+    for overrides in ALLOCATION_CASES:
+        config = load_config([CONFIGS / "cpu-smoke.yaml"], [*SMALL, *overrides, f"parallel.tp={state.tp}"])
+        model = build_model(config, device="meta")
+        parallelize(model, config, state)
+        materialize(model, "cpu", 0)
+        mine = torch.tensor([sum(p.numel() for p in model.parameters()),
+                             sum(p.numel() for n, p in model.named_parameters() if n.endswith(".tables"))])
+        every = [torch.empty_like(mine) for _ in range(state.tp)]
+        dist.all_gather(every, mine, group=state.group("tp"))
+        out.append({"overrides": [*SMALL, *overrides], "params": [int(t[0]) for t in every],
+                    "tables": [int(t[1]) for t in every]})
+    return out
+
+
+SCENARIOS = {"collectives": collectives, "layer": layer, "model": model, "block_bytes": block_bytes,
+             "allocation": allocation}
+
+
+def main() -> None:
+    scenario, out_path, *args = sys.argv[1:]
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    state = ParallelState.for_world(world, 1, world, dist.get_rank())
+    state.build_groups()
+    result = SCENARIOS[scenario](state, args)
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as handle:
+            json.dump(result, handle)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

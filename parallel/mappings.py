@@ -57,7 +57,8 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _gather(x: torch.Tensor, dim: int, tp: TensorParallelGroup, direction: str) -> torch.Tensor:
+def gather_tensor(x: torch.Tensor, dim: int, tp: TensorParallelGroup, direction: str) -> torch.Tensor:
+    """The plain all-gather along `dim`, counted under `direction`: for Functions that own their backward."""
     x0 = x.movedim(dim, 0).contiguous()
     out = x0.new_empty((tp.size * x0.shape[0], *x0.shape[1:]))
     dist.all_gather_into_tensor(out, x0, group=tp.group)
@@ -65,7 +66,8 @@ def _gather(x: torch.Tensor, dim: int, tp: TensorParallelGroup, direction: str) 
     return out.movedim(0, dim).contiguous()
 
 
-def _reduce_scatter(x: torch.Tensor, dim: int, tp: TensorParallelGroup, direction: str) -> torch.Tensor:
+def reduce_scatter_tensor(x: torch.Tensor, dim: int, tp: TensorParallelGroup, direction: str) -> torch.Tensor:
+    """The plain reduce-scatter (sum) along `dim`, counted under `direction`."""
     if x.shape[dim] % tp.size:
         raise ValueError(f"cannot reduce-scatter {tuple(x.shape)} along dim {dim} over {tp.size} ranks")
     x0 = x.movedim(dim, 0).contiguous()
@@ -97,22 +99,22 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, tp):
         ctx.dim, ctx.tp = dim, tp
-        return _gather(x, dim, tp, "forward")
+        return gather_tensor(x, dim, tp, "forward")
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.dim, ctx.tp, "backward"), None, None
+        return reduce_scatter_tensor(grad, ctx.dim, ctx.tp, "backward"), None, None
 
 
 class _ReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, tp):
         ctx.dim, ctx.tp = dim, tp
-        return _reduce_scatter(x, dim, tp, "forward")
+        return reduce_scatter_tensor(x, dim, tp, "forward")
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather(grad, ctx.dim, ctx.tp, "backward"), None, None
+        return gather_tensor(grad, ctx.dim, ctx.tp, "backward"), None, None
 
 
 class _AllToAll(torch.autograd.Function):

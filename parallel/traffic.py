@@ -83,8 +83,11 @@ def pythia_block(m: ModelConfig, tp: int, act_bytes: int, tokens: int) -> Traffi
 def megatron_sequential_block(m: ModelConfig, tp: int, act_bytes: int, tokens: int) -> Traffic:
     """Megatron's sequential block with sequence parallelism (spec's comparison): an all-gather and a
     reduce-scatter around attention and around the MLP; backward their duals plus the re-gather of both
-    inputs (Megatron keeps the local input and gathers it again for the weight gradient). Its norms'
-    gradients are reduced once per step by its optimizer, so no per-micro-batch term."""
+    inputs (Megatron keeps the local input and gathers it again for the weight gradient). Its replicated
+    weights (norms, the two output biases) are counted like megamem's, per micro-batch; Megatron reduces
+    them once per step, the same with one micro-batch a step."""
     ring, S, d = _Ring(tp), tokens, m.hidden_size
     gather, scatter = ring.gather(S * d * act_bytes), ring.scatter(S * d * act_bytes)
-    return Traffic(2 * (gather + scatter), 2 * (gather + scatter) + 2 * gather)
+    replicated = _norm_params(m.norm1, d) + _norm_params(m.norm2, d) + 2 * d
+    backward = 2 * (gather + scatter) + 2 * gather + ring.all_reduce(replicated * act_bytes)
+    return Traffic(2 * (gather + scatter), backward)

@@ -21,6 +21,8 @@ TAGS = {
     "optimizer_ms": "time/optimizer_ms", "step_ms": "time/step_ms",
     "memory_gb": "memory/max_allocated_gb" if torch.cuda.is_available() else "memory/rss_gb",
     "valid_loss": "valid/loss", "valid_perplexity": "valid/perplexity",
+    "tp_forward_bytes_per_token": "comm/tp_forward_bytes_per_token",
+    "tp_backward_bytes_per_token": "comm/tp_backward_bytes_per_token",
 }
 
 

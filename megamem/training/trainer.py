@@ -44,13 +44,18 @@ class Trainer:
     def train_step(self, measure_grad_norm: bool) -> dict[str, float]:
         """One optimizer step over `accumulation` micro-batches; returns its scalars."""
         times = dict.fromkeys(("data_ms", "forward_ms", "backward_ms", "optimizer_ms"), 0.0)
+        counter = self.state.tensor_parallel.counter
+        counter.reset()
         started = time.perf_counter()
         loss, norm = self._run_step(times, measure_grad_norm)
         step_ms = (time.perf_counter() - started) * 1e3
         tokens = self.config.train.micro_batch_size * self.accumulation * self.config.model.seq_len
         replica_tokens_per_sec = tokens / (step_ms / 1e3)      # every rank of a replica works on the same tokens
         tflops = replica_tokens_per_sec * self.flops_per_token / 1e12 / (self.state.tp * self.state.pp)
-        return {"loss": loss, "lr": self.engine.get_lr()[0],
+        traffic = {} if self.state.tp == 1 else {      # what this rank received from its tensor-parallel group
+            "tp_forward_bytes_per_token": counter.total("forward") / tokens,
+            "tp_backward_bytes_per_token": counter.total("backward") / tokens}
+        return {"loss": loss, "lr": self.engine.get_lr()[0], **traffic,
                 "grad_norm": float(norm) if norm is not None else float("nan"),
                 "loss_scale": float(getattr(self.engine.optimizer, "cur_scale", 1.0)),
                 "tokens_per_sec": replica_tokens_per_sec * self.state.dp,

@@ -123,6 +123,11 @@ def test_tensor_parallel_runs_match_one_process(shards, tmp_path):
         assert sorted(got) == list(range(1, 11)), name
         for step in range(1, 11):
             assert got[step] == pytest.approx(reference[step], rel=1e-4), (name, step)
+    received = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()][-1]
+                for name in ("column", "table")}
+    per_token = {name: r["tp_forward_bytes_per_token"] + r["tp_backward_bytes_per_token"]
+                 for name, r in received.items()}
+    assert 0 < per_token["column"] < per_token["table"], per_token          # logged, and column moves less
 
     # The exported tp = 2 model is the one-process model (vocabulary cut to the one-process padding); the hash makes
     # weights-to-codes discontinuous, so allow about one Adam step (the LR, 3e-3) as in the ZeRO export check above.

@@ -91,9 +91,25 @@ def _prune(run_dir: Path, keep: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(engine, path: Path) -> dict:
-    """Restore engine state and this rank's RNG; return the marker (step, data position, ...)."""
+def _sharding(layout: dict) -> str:
+    """What decides which part of a parameter a rank's files hold."""
+    tp = layout.get("tp", 1)
+    return f"parallel.tp={tp}" + (f", parallel.table_sharding={layout.get('table_sharding', 'column')}" if tp > 1
+                                  else "")
+
+
+def load_checkpoint(engine, path: Path, layout: dict) -> dict:
+    """Restore engine state and this rank's RNG; return the marker (step, data position, ...).
+
+    A checkpoint whose parameters were split another way is refused before DeepSpeed reads it: each rank's
+    files hold the shards of the layout that wrote them.
+    """
     marker = json.loads((path / MARKER).read_text())
+    saved, now = _sharding(marker.get("layout", {})), _sharding(layout)
+    if saved != now:
+        raise MegamemError(f"{path} was written with {saved}; this run has {now}, and a checkpoint's shards load only "
+                           f"into the layout that wrote them. Fix: resume with {saved}, or set run.dir to a new "
+                           f"directory")
     loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                        load_lr_scheduler_states=True)
     if loaded is None:

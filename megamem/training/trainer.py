@@ -112,16 +112,21 @@ class Trainer:
         dist.all_reduce(total, group=self.state.group("dp"))
         return (total[0] / total[1]).item()
 
+    def layout(self) -> dict:
+        """What a checkpoint records of the run's layout (megamem export joins its shards by it)."""
+        par = self.config.parallel
+        return {"tp": self.state.tp, "pp": self.state.pp, "dp": self.state.dp, "zero_stage": par.zero_stage,
+                "table_sharding": par.table_sharding}
+
     def save(self) -> Path:
-        layout = {"tp": self.state.tp, "pp": self.state.pp, "dp": self.state.dp,
-                  "zero_stage": self.config.parallel.zero_stage}
-        extra = {"loader": self.loader.state_dict(), "layout": layout, "partitions": partitions(self.engine.module)}
+        extra = {"loader": self.loader.state_dict(), "layout": self.layout(),
+                 "partitions": partitions(self.engine.module)}
         path = save_checkpoint(self.engine, Path(self.config.run.dir), self.step, extra, self.config.checkpoint.keep)
         self.logger.message(f"saved checkpoint {path}")
         return path
 
     def load(self, path: Path) -> None:
-        marker = load_checkpoint(self.engine, path)
+        marker = load_checkpoint(self.engine, path, self.layout())
         self.step = marker["step"]
         self.loader.load_state_dict(marker["loader"])
         self.logger.message(f"resumed from {path} at step {self.step}")

@@ -65,6 +65,8 @@ def test_split_memory_layer_equals_the_whole(tmp_path, layout, tp, kernel):
 ])
 def test_whole_model_equals_one_process(tmp_path, arch, layout, tp):
     result = run(tmp_path, tp, "model", arch, layout, "fp32")
+    if (arch, layout) == ("memoryformer", "column"):     # QKV, ML1 and ML2 of both blocks
+        assert result["exchanges"] == 6 and result["exchanged_bitwise_all_ranks"]
     for name, stats in result["weights"].items():
         assert stats["abs"] == 0.0 and stats["shape_equal"], name       # same seed, same model, any tp
     assert close(result["logits"]) and close(result["loss"], 1e-6), (result["logits"], result["loss"])

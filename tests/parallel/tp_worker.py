@@ -19,7 +19,7 @@ from megamem.kernels import get_kernel
 from megamem.model import build_model, lm_loss
 from megamem.model.init import materialize
 from megamem.model.memory_layer import MemoryLayer
-from megamem.parallel import mappings, traffic
+from megamem.parallel import mappings, memoryformer_tp, traffic
 from megamem.parallel.hashed_exchange import gather_hashed, route_hashed
 from megamem.parallel.marks import partitions, shard_parameter
 from megamem.parallel.parallelize import parallelize
@@ -144,10 +144,16 @@ def model(state: ParallelState, args) -> dict:
     logits_single = single(inputs)
     loss_single = lm_loss(logits_single, targets)
     loss_single.backward()
+    exchanged = []                     # every all-gathered (codes, p): each rank must look up the same bits
+    gather = memoryformer_tp.gather_hashed
+    memoryformer_tp.gather_hashed = lambda *a: exchanged.append(gather(*a)) or exchanged[-1]
     logits_local = sharded(inputs)
+    memoryformer_tp.gather_hashed = gather
     loss = loss_fn(logits_local, targets)
     loss.backward()
     logits = gather_dim(logits_local.detach(), -1, state)[..., :97]
+    every_rank = [gather_dim(t.double().unsqueeze(0), 0, state) for pair in exchanged for t in pair]  # collective
+    same = all(torch.equal(copies[0], copy) for copies in every_rank for copy in copies)
 
     parts = partitions(sharded)
     every = [None] * state.tp
@@ -156,7 +162,7 @@ def model(state: ParallelState, args) -> dict:
     weights = join_tensor_parallel([{n: w for n, (w, _) in rank.items()} for rank in every], parts)
     grads = join_tensor_parallel([{n: g for n, (_, g) in rank.items()} for rank in every], parts)
     out = {"logits": worst(logits, logits_single.detach()), "loss": worst(loss.detach(), loss_single.detach()),
-           "weights": {}, "grads": {}}
+           "weights": {}, "grads": {}, "exchanges": len(exchanged), "exchanged_bitwise_all_ranks": same}
     for name, param in single.named_parameters():
         rows = param.shape[0]
         out["weights"][name] = worst(weights[name][:rows], param.detach())

@@ -129,6 +129,13 @@ def test_tensor_parallel_runs_match_one_process(shards, tmp_path):
                  for name, r in received.items()}
     assert 0 < per_token["column"] < per_token["table"], per_token          # logged, and column moves less
 
+    # A checkpoint's shards belong to the layout that wrote them: resuming it in another is refused up front.
+    command = [sys.executable, "-m", "megamem.cli.main", "train", str(CONFIGS / "cpu-smoke.yaml"), "--set",
+               f"data.path={shards}", "--set", f"run.dir={tmp_path / 'column'}", "--set", "train.steps=20"]
+    moved = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert moved.returncode == 2 and "was written with parallel.tp=2, parallel.table_sharding=column; this run " \
+                                     "has parallel.tp=1" in moved.stderr, moved.stderr[-2000:]
+
     # The exported tp = 2 model is the one-process model (vocabulary cut to the one-process padding); the hash makes
     # weights-to-codes discontinuous, so allow about one Adam step (the LR, 3e-3) as in the ZeRO export check above.
     model, config = load_exported_from(tmp_path / "dp2-zero2")

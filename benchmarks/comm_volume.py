@@ -30,16 +30,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from megamem.config import ConfigError, load_config
 from megamem.model import build_model
-from megamem.model.blocks import DenseBlock
 from megamem.model.init import materialize
 from megamem.parallel import mappings, traffic
-from megamem.parallel.dense_tp import RowParallelLinear
-from megamem.parallel.marks import shard_parameter
-from megamem.parallel.norms import TokenNorm
+from megamem.parallel.dense_tp import ParallelResidualDenseBlock
 from megamem.parallel.parallelize import parallelize
 from megamem.parallel.state import ParallelState
 from megamem.plan import plan_report
@@ -50,7 +46,6 @@ SHAPES = {"tiny": ("memoryformer-tiny", "pythia-70m"), "small": ("memoryformer-s
           "base": ("memoryformer-base", "pythia-410m")}
 MEMORYFORMER = [("column", "fp32"), ("column", "fp16"), ("table", "fp32"), ("table", "fp16")]
 ACT_BYTES = 2           # bf16 activations
-SEQ = 1
 
 
 class _GatherLinear(torch.autograd.Function):
@@ -61,41 +56,28 @@ class _GatherLinear(torch.autograd.Function):
     def forward(ctx, x_local, weight, bias, tp):
         ctx.save_for_backward(x_local, weight)
         ctx.tp = tp
-        return F.linear(mappings.gather_tensor(x_local, SEQ, tp, "forward"), weight, bias)
+        return F.linear(mappings.gather_tensor(x_local, mappings.SEQUENCE_DIM, tp, "forward"), weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x_local, weight = ctx.saved_tensors
-        whole = mappings.gather_tensor(x_local, SEQ, ctx.tp, "backward")
-        grad_x = mappings.reduce_scatter_tensor(grad @ weight, SEQ, ctx.tp, "backward")
+        whole = mappings.gather_tensor(x_local, mappings.SEQUENCE_DIM, ctx.tp, "backward")
+        grad_x = mappings.reduce_scatter_tensor(grad @ weight, mappings.SEQUENCE_DIM, ctx.tp, "backward")
         grad_weight = grad.flatten(0, -2).t() @ whole.flatten(0, -2)
         return grad_x, grad_weight, grad.flatten(0, -2).sum(0), None
 
 
-class MegatronSequentialBlock(nn.Module):
-    """Y = Z + MLP(Norm2(Z)), Z = X + Attn(Norm1(X)), tensor- and sequence-parallel as in Megatron-LM."""
-
-    def __init__(self, block: DenseBlock, tp: mappings.TensorParallelGroup):
-        super().__init__()
-        self.tp = tp
-        self.norm1, self.norm2 = TokenNorm(block.norm1, tp), TokenNorm(block.norm2, tp)
-        self.qkv, self.fc1, self.attention = block.qkv, block.fc1, block.attention
-        shard_parameter(self.qkv, "weight", 0, tp, stride=3)
-        shard_parameter(self.qkv, "bias", 0, tp, stride=3)
-        shard_parameter(self.fc1, "weight", 0, tp)
-        shard_parameter(self.fc1, "bias", 0, tp)
-        self.out, self.fc2 = RowParallelLinear(block.out, tp), RowParallelLinear(block.fc2, tp)
-        self.init_std = block.init_std
-
-    init_weights = DenseBlock.init_weights
+class MegatronSequentialBlock(ParallelResidualDenseBlock):
+    """Y = Z + MLP(Norm2(Z)), Z = X + Attn(Norm1(X)), tensor- and sequence-parallel as in Megatron-LM: the same
+    shards as megamem's dense block, a sequential residual, each branch gathering its own normed input."""
 
     def forward(self, x_BSd: torch.Tensor) -> torch.Tensor:
-        tp = self.tp
+        tp, seq = self.tp, mappings.SEQUENCE_DIM
         q, k, v = _GatherLinear.apply(self.norm1(x_BSd), self.qkv.weight, self.qkv.bias, tp).chunk(3, dim=-1)
-        attention = mappings.reduce_scatter(self.out(self.attention(q, k, v)), SEQ, tp)
-        z = x_BSd + attention + mappings.replicated_grad(self.out.bias, tp)
+        z = x_BSd + mappings.reduce_scatter(self.out(self.attention(q, k, v)), seq, tp) \
+            + mappings.replicated_grad(self.out.bias, tp)
         h = F.gelu(_GatherLinear.apply(self.norm2(z), self.fc1.weight, self.fc1.bias, tp))
-        return z + mappings.reduce_scatter(self.fc2(h), SEQ, tp) + mappings.replicated_grad(self.fc2.bias, tp)
+        return z + mappings.reduce_scatter(self.fc2(h), seq, tp) + mappings.replicated_grad(self.fc2.bias, tp)
 
 
 def configs(shape: str, seq_len: int, tp: int) -> dict[str, object]:

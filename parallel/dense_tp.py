@@ -9,7 +9,9 @@ gradients all-reduced), both row-parallel partial sums added, and one
 reduce-scatter back to the residual. That is one all-gather and one
 reduce-scatter per block forward, and their duals backward; the gathered X is
 kept for backward rather than gathered again. The two output biases are
-added once, after the reduction, on local positions.
+added once, after the reduction, on local positions: outside their own modules'
+forward, which ZeRO-3 detects and gathers them for (seen with
+stage3_param_persistence_threshold 0, so not only because they are small).
 """
 from __future__ import annotations
 
@@ -18,11 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamem.model.blocks import DenseBlock
-from megamem.parallel.mappings import TensorParallelGroup, all_gather, reduce_scatter, replicated_grad
+from megamem.parallel.mappings import SEQUENCE_DIM, TensorParallelGroup, all_gather, reduce_scatter, replicated_grad
 from megamem.parallel.marks import shard_parameter
 from megamem.parallel.norms import TokenNorm
-
-SEQ = 1
 
 
 class RowParallelLinear(nn.Module):
@@ -56,9 +56,9 @@ class ParallelResidualDenseBlock(nn.Module):
     init_weights = DenseBlock.init_weights       # same parts under the same names; SeededInit fills the shards
 
     def forward(self, x_BSd: torch.Tensor) -> torch.Tensor:
-        all_BSd = all_gather(x_BSd, SEQ, self.tp)
+        all_BSd = all_gather(x_BSd, SEQUENCE_DIM, self.tp)
         q, k, v = self.qkv(self.norm1(all_BSd)).chunk(3, dim=-1)
         attention = self.out(self.attention(q, k, v))
         mlp = self.fc2(F.gelu(self.fc1(self.norm2(all_BSd))))
-        y_BSd = reduce_scatter(attention + mlp, SEQ, self.tp)
+        y_BSd = reduce_scatter(attention + mlp, SEQUENCE_DIM, self.tp)
         return x_BSd + y_BSd + replicated_grad(self.out.bias, self.tp) + replicated_grad(self.fc2.bias, self.tp)

@@ -1,10 +1,12 @@
 """The exchange of hashed chunks: a Memory Layer under tensor parallelism ships a
 token's codes and p (K small numbers), never its activation (spec: "The one pattern").
 
-Codes travel as their narrowest integer, one byte up to 8 bits and two up to 16
+Codes travel as their narrowest integer, one byte up to 8 bits and two up to 15
 (sent as raw bytes: gloo has no int16), and carry no gradient. p travels in
-`p_dtype` (fp32, or fp16 to halve those bytes; it lies in (2^-tau, 1], well inside
-fp16's range) and is handed on in fp32; its gradient travels back the same way.
+`p_dtype` (fp32, or fp16 to halve those bytes: fp16 keeps 11 significant bits at
+any magnitude in its range, and p lies in (2^-tau, 1], or that times the chunk's
+L1 norm with l1 weighting) and is handed on in fp32; its gradient travels back the
+same way.
 Hashing happens once, where the tokens (or the chunks) live, so every rank that
 uses a code uses the same bits.
 """
@@ -17,8 +19,13 @@ from megamem.parallel.mappings import TensorParallelGroup, all_gather, all_to_al
 P_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
+def code_dtype(bits: int) -> torch.dtype:
+    """The integer codes of `bits` bits travel in."""
+    return torch.uint8 if bits <= 8 else torch.int16
+
+
 def _wire_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    return codes.to(torch.uint8 if bits <= 8 else torch.int16).contiguous().view(torch.uint8)
+    return codes.to(code_dtype(bits)).contiguous().view(torch.uint8)
 
 
 def _unwire_codes(raw: torch.Tensor, bits: int) -> torch.Tensor:

@@ -22,21 +22,24 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+SEQUENCE_DIM = 1        # of the [B, S, ...] tensors the tensor-parallel blocks exchange
+
 
 @dataclass
 class ByteCounter:
-    """Bytes received, per (collective kind, 'forward' | 'backward')."""
+    """Bytes received, per (collective kind, 'forward' | 'backward'). Activation checkpointing replays forward
+    collectives during backward; they count as forward again."""
 
-    bytes: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    received: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
 
     def add(self, kind: str, direction: str, nbytes: int) -> None:
-        self.bytes[(kind, direction)] += nbytes
+        self.received[(kind, direction)] += nbytes
 
     def total(self, direction: str) -> int:
-        return sum(n for (_, way), n in self.bytes.items() if way == direction)
+        return sum(n for (_, way), n in self.received.items() if way == direction)
 
     def reset(self) -> None:
-        self.bytes.clear()
+        self.received.clear()
 
 
 @dataclass

@@ -44,5 +44,6 @@ def shard_parameter(module: nn.Module, name: str, dim: int, tp, stride: int = 1)
 
 def partitions(module: nn.Module) -> dict[str, list[int]]:
     """{name: [dim, stride]} of every shard: what megamem export needs to join a checkpoint's ranks."""
-    return {name: [param.partition_dim, param.partition_stride] for name, param in module.named_parameters()
+    return {name: [param.partition_dim, param.partition_stride]
+            for name, param in module.named_parameters(remove_duplicate=False)      # a tied head under both names
             if getattr(param, "tensor_model_parallel", False)}

@@ -27,16 +27,13 @@ Shapes: B batch, S sequence, K chunks, d hidden, W = (tau + expanding) K.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megamem.model.blocks import MemoryFormerBlock
 from megamem.parallel.hashed_exchange import gather_hashed, route_hashed
-from megamem.parallel.mappings import TensorParallelGroup, all_to_all, reduce_scatter, replicated_grad
+from megamem.parallel.mappings import SEQUENCE_DIM, TensorParallelGroup, all_to_all, reduce_scatter, replicated_grad
 from megamem.parallel.marks import shard_parameter
 from megamem.parallel.norms import SplitWidthNorm, TokenNorm
-
-SEQ = 1        # the sequence dim of [B, S, ...]
 
 
 class _TensorParallelMemoryFormerBlock(nn.Module):
@@ -51,11 +48,9 @@ class _TensorParallelMemoryFormerBlock(nn.Module):
         self.gelu = block.gelu
         self.ml2 = block.ml2
 
-    init_weights = MemoryFormerBlock.init_weights     # same parts under the same names; SeededInit fills the shards
-
-    def _memory_block_input(self, wide: torch.Tensor) -> torch.Tensor:
-        wide = self.norm3(wide)
-        return F.gelu(wide) if self.gelu else wide
+    # The plain block's, on the same parts under the same names (SeededInit fills the shards; norm3 is split).
+    init_weights = MemoryFormerBlock.init_weights
+    memory_block_middle = MemoryFormerBlock.memory_block_middle
 
 
 class ColumnParallelMemoryFormerBlock(_TensorParallelMemoryFormerBlock):
@@ -70,17 +65,18 @@ class ColumnParallelMemoryFormerBlock(_TensorParallelMemoryFormerBlock):
             if getattr(block.norm3, name, None) is not None:
                 shard_parameter(block.norm3, name, 0, tp)
         self.norm3 = SplitWidthNorm(block.norm3, wide, tp)
+        self.first_ml2_chunk = tp.rank * block.ml2.num_chunks // tp.size     # ML1's columns hold these chunks
 
     def forward(self, x_BSd: torch.Tensor) -> torch.Tensor:
         tp, p_dtype = self.tp, self.p_dtype
-        hashed = gather_hashed(self.q.hash(self.norm1(x_BSd)), SEQ, self.q.tau, tp, p_dtype)     # [B, S, K]
+        hashed = gather_hashed(self.q.hash(self.norm1(x_BSd)), SEQUENCE_DIM, self.q.tau, tp, p_dtype)     # [B, S, K]
         o_BSh = self.attention(self.q(None, hashed), self.k(None, hashed), self.v(None, hashed))   # local heads
-        z_BSd = x_BSd + all_to_all(o_BSh, SEQ, -1, tp)
-        hashed = gather_hashed(self.ml1.hash(self.norm2(z_BSd)), SEQ, self.ml1.tau, tp, p_dtype)
-        wide_BSw = self._memory_block_input(self.ml1(None, hashed))                             # [B, S, W/tp]
-        first = tp.rank * self.ml2.num_chunks // tp.size
-        hashed = gather_hashed(self.ml2.hash(wide_BSw, first_chunk=first), -1, self.ml2.tau, tp, p_dtype)
-        return z_BSd + all_to_all(self.ml2(None, hashed), SEQ, -1, tp)
+        z_BSd = x_BSd + all_to_all(o_BSh, SEQUENCE_DIM, -1, tp)
+        hashed = gather_hashed(self.ml1.hash(self.norm2(z_BSd)), SEQUENCE_DIM, self.ml1.tau, tp, p_dtype)
+        wide_BSw = self.memory_block_middle(self.ml1(None, hashed))                             # [B, S, W/tp]
+        hashed = gather_hashed(self.ml2.hash(wide_BSw, first_chunk=self.first_ml2_chunk), -1, self.ml2.tau, tp,
+                               p_dtype)
+        return z_BSd + all_to_all(self.ml2(None, hashed), SEQUENCE_DIM, -1, tp)
 
 
 class TableParallelMemoryFormerBlock(_TensorParallelMemoryFormerBlock):
@@ -95,7 +91,7 @@ class TableParallelMemoryFormerBlock(_TensorParallelMemoryFormerBlock):
 
     def _lookup(self, layer, x: torch.Tensor) -> torch.Tensor:
         """This rank's chunks of `layer` for all tokens, hashed where the tokens live: a partial sum, full width."""
-        return layer(None, route_hashed(layer.hash(x), SEQ, layer.tau, self.tp, self.p_dtype), with_bias=False)
+        return layer(None, route_hashed(layer.hash(x), SEQUENCE_DIM, layer.tau, self.tp, self.p_dtype), with_bias=False)
 
     def _biased(self, y: torch.Tensor, layer) -> torch.Tensor:
         """ML1's and ML2's bias on local tokens: replicated; Q's, K's, V's on local heads: sharded."""
@@ -106,11 +102,11 @@ class TableParallelMemoryFormerBlock(_TensorParallelMemoryFormerBlock):
 
     def forward(self, x_BSd: torch.Tensor) -> torch.Tensor:
         tp = self.tp
-        hashed = route_hashed(self.q.hash(self.norm1(x_BSd)), SEQ, self.q.tau, tp, self.p_dtype)   # [B, S, K/tp]
+        hashed = route_hashed(self.q.hash(self.norm1(x_BSd)), SEQUENCE_DIM, self.q.tau, tp, self.p_dtype)  # K/tp
         qkv_BS3d = torch.stack([layer(None, hashed, with_bias=False) for layer in (self.q, self.k, self.v)], -2)
         heads = reduce_scatter(qkv_BS3d, -1, tp).unbind(-2)                                         # [B, S, d/tp]
         q, k, v = (self._biased(t, layer) for t, layer in zip(heads, (self.q, self.k, self.v), strict=True))
-        z_BSd = x_BSd + all_to_all(self.attention(q, k, v), SEQ, -1, tp)
-        wide = self._biased(reduce_scatter(self._lookup(self.ml1, self.norm2(z_BSd)), SEQ, tp), self.ml1)
-        y_BSd = reduce_scatter(self._lookup(self.ml2, self._memory_block_input(wide)), SEQ, tp)
+        z_BSd = x_BSd + all_to_all(self.attention(q, k, v), SEQUENCE_DIM, -1, tp)
+        wide = self._biased(reduce_scatter(self._lookup(self.ml1, self.norm2(z_BSd)), SEQUENCE_DIM, tp), self.ml1)
+        y_BSd = reduce_scatter(self._lookup(self.ml2, self.memory_block_middle(wide)), SEQUENCE_DIM, tp)
         return z_BSd + self._biased(y_BSd, self.ml2)

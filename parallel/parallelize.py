@@ -30,9 +30,11 @@ MEMORYFORMER_LAYOUTS = {"column": ColumnParallelMemoryFormerBlock, "table": Tabl
 
 def parallelize(model: LanguageModel, config: Config, state: ParallelState):
     tp = state.tensor_parallel
+    par = config.parallel
+    if par.tp != tp.size:
+        raise ValueError(f"parallel.tp={par.tp} but this process's tensor-parallel group has {tp.size} ranks")
     if tp.size == 1:
         return lm_loss
-    par = config.parallel
 
     def block(plain: nn.Module) -> nn.Module:
         if isinstance(plain, MemoryFormerBlock):
@@ -45,3 +47,4 @@ def parallelize(model: LanguageModel, config: Config, state: ParallelState):
     model.head = VocabParallelHead(model.head, tp)
     model.tie_weights()
     return vocab_parallel_loss(tp)
+

@@ -16,18 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megamem.config.schema import ModelConfig
-
-P_BYTES = {"fp32": 4, "fp16": 2}
+from megamem.parallel.hashed_exchange import P_DTYPES, code_dtype
 
 
 @dataclass(frozen=True)
 class Traffic:
     forward: int
     backward: int
-
-
-def code_bytes(bits: int) -> int:
-    return 1 if bits <= 8 else 2
 
 
 class _Ring:
@@ -53,7 +48,8 @@ def memoryformer_block(m: ModelConfig, tp: int, layout: str, p_dtype: str, act_b
     ring, S, d = _Ring(tp), tokens, m.hidden_size
     k = d // m.tau
     wide = (m.tau + m.expanding_bits) * k
-    pb, cb, cb2 = P_BYTES[p_dtype], code_bytes(m.tau), code_bytes(m.tau + m.expanding_bits)
+    pb = P_DTYPES[p_dtype].itemsize
+    cb, cb2 = code_dtype(m.tau).itemsize, code_dtype(m.tau + m.expanding_bits).itemsize
     heads_out = ring.scatter(S * d // tp * act_bytes)           # attention output: all-to-all to the residual
     replicated = _norm_params(m.norm1, d) + _norm_params(m.norm2, d)
     if layout == "column":

@@ -17,10 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamem.model.embedding import LMHead, TokenEmbedding
-from megamem.parallel.mappings import TensorParallelGroup, all_gather, all_reduce_no_grad, reduce_scatter
+from megamem.parallel.mappings import SEQUENCE_DIM, TensorParallelGroup, all_gather, all_reduce_no_grad, reduce_scatter
 from megamem.parallel.marks import shard_parameter
-
-SEQ = 1
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -36,7 +34,7 @@ class VocabParallelEmbedding(nn.Module):
         local = tokens_BS - self.tp.rank * self.rows
         outside = (local < 0) | (local >= self.rows)
         rows_BSd = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_scatter(rows_BSd, SEQ, self.tp)
+        return reduce_scatter(rows_BSd, SEQUENCE_DIM, self.tp)
 
 
 class VocabParallelHead(nn.Module):
@@ -46,11 +44,10 @@ class VocabParallelHead(nn.Module):
         self.weight = shard_parameter(head, "weight", 0, tp)
         self.rows = self.weight.shape[0]
 
-    in_features = LMHead.in_features
     init_weights = LMHead.init_weights
 
     def forward(self, x_BSd: torch.Tensor) -> torch.Tensor:
-        logits_BSv = F.linear(all_gather(x_BSd, SEQ, self.tp), self.weight)
+        logits_BSv = F.linear(all_gather(x_BSd, SEQUENCE_DIM, self.tp), self.weight)
         first = self.tp.rank * self.rows
         if first + self.rows > self.vocab_size:
             padded = torch.arange(first, first + self.rows, device=logits_BSv.device) >= self.vocab_size

@@ -96,9 +96,10 @@ class _Checker:
                 self.fail("model.expanding_bits",
                           "must lie in [0, 4] (each bit doubles the Memory Block's second tables)",
                           "use 2 as in the paper")
-            if m.tau + m.expanding_bits > 16:
-                self.fail(("model.tau", "model.expanding_bits"), "tau + expanding_bits must be at most 16",
-                          "lower expanding_bits or tau")
+            if m.tau + m.expanding_bits > 15:
+                self.fail(("model.tau", "model.expanding_bits"),
+                          "tau + expanding_bits must be at most 15 (ML2's codes are kept and sent as 16-bit signed "
+                          "integers)", "lower expanding_bits or tau")
             if m.temperature <= 0:
                 self.fail("model.temperature", "the softmax temperature must be positive", "use 1.0 (the default)")
             if m.weighting == "l1" and m.temperature != 1.0:

@@ -54,10 +54,12 @@ class MemoryFormerBlock(nn.Module):
         a_BSd = self.norm1(x_BSd)
         hashed = self.q.hash(a_BSd)
         z_BSd = x_BSd + self.attention(self.q(a_BSd, hashed), self.k(a_BSd, hashed), self.v(a_BSd, hashed))
-        wide = self.norm3(self.ml1(self.norm2(z_BSd)))
-        if self.gelu:
-            wide = F.gelu(wide)
-        return z_BSd + self.ml2(wide)
+        return z_BSd + self.ml2(self.memory_block_middle(self.ml1(self.norm2(z_BSd))))
+
+    def memory_block_middle(self, wide: torch.Tensor) -> torch.Tensor:
+        """Between ML1 and ML2: Norm3, and the optional GeLU."""
+        wide = self.norm3(wide)
+        return F.gelu(wide) if self.gelu else wide
 
 
 class DenseBlock(nn.Module):

@@ -93,9 +93,8 @@ def _prune(run_dir: Path, keep: int) -> None:
 
 def _sharding(layout: dict) -> str:
     """What decides which part of a parameter a rank's files hold."""
-    tp = layout.get("tp", 1)
-    return f"parallel.tp={tp}" + (f", parallel.table_sharding={layout.get('table_sharding', 'column')}" if tp > 1
-                                  else "")
+    tp, tables = layout.get("tp", 1), layout.get("table_sharding", "column")
+    return f"parallel.tp={tp}" + (f", parallel.table_sharding={tables}" if tp > 1 and tables else "")
 
 
 def load_checkpoint(engine, path: Path, layout: dict) -> dict:

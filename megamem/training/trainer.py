@@ -20,6 +20,7 @@ from megamem.config.schema import Config
 from megamem.data_tools.loader import TrainLoader, valid_batches
 from megamem.parallel.grad_norm import grad_norm
 from megamem.parallel.marks import partitions
+from megamem.parallel.replica_checks import assert_same_batch
 from megamem.parallel.state import ParallelState
 from megamem.training.bucket_stats import BucketStats
 from megamem.training.checkpoint import load_checkpoint, save_checkpoint
@@ -40,6 +41,7 @@ class Trainer:
         self.stop_requested = False
         self._valid_batches: list[torch.Tensor] | None = None     # the same every evaluation: read once
         self.accumulation = engine.gradient_accumulation_steps()
+        self._batch_checked = False                 # tensor-parallel ranks hold the same batch: checked once
 
     def train_step(self, measure_grad_norm: bool) -> dict[str, float]:
         """One optimizer step over `accumulation` micro-batches; returns its scalars."""
@@ -74,6 +76,9 @@ class Trainer:
         for micro in range(self.accumulation):
             mark = time.perf_counter()
             batch = next(self.loader).to(self.device, non_blocking=True)
+            if not self._batch_checked:
+                assert_same_batch(batch, self.state)
+                self._batch_checked = True
             times["data_ms"] += self._lap(mark)
             mark = time.perf_counter()
             loss = self.loss_fn(self.engine(batch[:, :-1]), batch[:, 1:])
@@ -82,7 +87,9 @@ class Trainer:
             self.engine.backward(loss)
             times["backward_ms"] += self._lap(mark)
             if measure_grad_norm and micro == self.accumulation - 1 and self.config.parallel.zero_stage == 0:
-                norm = grad_norm(self.engine.module, self.state)     # ZeRO 0 keeps whole, averaged gradients
+                # ZeRO 0 keeps whole, averaged gradients, still multiplied by the fp16 loss scale before step()
+                scale = getattr(self.engine.optimizer, "cur_scale", 1.0)
+                norm = grad_norm(self.engine.module, self.state) / scale
             mark = time.perf_counter()
             self.engine.step()
             times["optimizer_ms"] += self._lap(mark)
@@ -114,9 +121,9 @@ class Trainer:
 
     def layout(self) -> dict:
         """What a checkpoint records of the run's layout (megamem export joins its shards by it)."""
-        par = self.config.parallel
+        par, memoryformer = self.config.parallel, self.config.model.arch == "memoryformer"
         return {"tp": self.state.tp, "pp": self.state.pp, "dp": self.state.dp, "zero_stage": par.zero_stage,
-                "table_sharding": par.table_sharding}
+                "table_sharding": par.table_sharding if memoryformer else None}
 
     def save(self) -> Path:
         extra = {"loader": self.loader.state_dict(), "layout": self.layout(),

@@ -65,8 +65,8 @@ def test_split_memory_layer_equals_the_whole(tmp_path, layout, tp, kernel):
 ])
 def test_whole_model_equals_one_process(tmp_path, arch, layout, tp):
     result = run(tmp_path, tp, "model", arch, layout, "fp32")
-    if (arch, layout) == ("memoryformer", "column"):     # QKV, ML1 and ML2 of both blocks
-        assert result["exchanges"] == 6 and result["exchanged_bitwise_all_ranks"]
+    if arch == "memoryformer":         # QKV, ML1 and ML2 of both blocks: every rank looks up one process's codes
+        assert result["exchanges"] == 6 and result["codes_equal_one_process"]
     for name, stats in result["weights"].items():
         assert stats["abs"] == 0.0 and stats["shape_equal"], name       # same seed, same model, any tp
     assert close(result["logits"]) and close(result["loss"], 1e-6), (result["logits"], result["loss"])
@@ -101,3 +101,8 @@ def test_p_in_fp16_stays_close(tmp_path):
     result = run(tmp_path, 2, "model", "memoryformer", "column", "fp16")
     assert all(stats["abs"] == 0.0 for stats in result["weights"].values())
     assert close(result["loss"], 1e-3), result["loss"]
+
+
+def test_tensor_parallel_ranks_with_different_batches_are_stopped(tmp_path):
+    refused = run(tmp_path, 2, "batch_check")["refused"]
+    assert refused and "tensor-parallel ranks [0, 1] of one replica read different batches" in refused

@@ -141,19 +141,26 @@ def model(state: ParallelState, args) -> dict:
     torch.manual_seed(2)
     tokens = torch.randint(0, 97, (2, 33))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    hashed_single = []                 # codes of every hashing of the one-process model, in order
+    for layer in single.modules():
+        if isinstance(layer, MemoryLayer):
+            layer.observer = lambda _layer, codes, _p, _first: hashed_single.append(codes)
     logits_single = single(inputs)
     loss_single = lm_loss(logits_single, targets)
     loss_single.backward()
-    exchanged = []                     # every all-gathered (codes, p): each rank must look up the same bits
-    gather = memoryformer_tp.gather_hashed
-    memoryformer_tp.gather_hashed = lambda *a: exchanged.append(gather(*a)) or exchanged[-1]
+    exchanged = []                     # the codes each rank looks up, after the exchange of hashed chunks
+    exchange = "gather_hashed" if layout == "column" else "route_hashed"
+    original = getattr(memoryformer_tp, exchange)
+    setattr(memoryformer_tp, exchange, lambda *a: exchanged.append(original(*a)) or exchanged[-1])
     logits_local = sharded(inputs)
-    memoryformer_tp.gather_hashed = gather
+    setattr(memoryformer_tp, exchange, original)
     loss = loss_fn(logits_local, targets)
     loss.backward()
     logits = gather_dim(logits_local.detach(), -1, state)[..., :97]
-    every_rank = [gather_dim(t.double().unsqueeze(0), 0, state) for pair in exchanged for t in pair]  # collective
-    same = all(torch.equal(copies[0], copy) for copies in every_rank for copy in copies)
+    # Q, K and V share one hashing: the one-process model hashes once for them, then ML1, then ML2, per block
+    expected = [local(codes, 2, state) if layout == "table" else codes for codes in hashed_single]
+    codes_equal = len(exchanged) == len(expected) and all(
+        torch.equal(got.long(), want.long()) for (got, _), want in zip(exchanged, expected, strict=True))
 
     parts = partitions(sharded)
     every = [None] * state.tp
@@ -162,7 +169,7 @@ def model(state: ParallelState, args) -> dict:
     weights = join_tensor_parallel([{n: w for n, (w, _) in rank.items()} for rank in every], parts)
     grads = join_tensor_parallel([{n: g for n, (_, g) in rank.items()} for rank in every], parts)
     out = {"logits": worst(logits, logits_single.detach()), "loss": worst(loss.detach(), loss_single.detach()),
-           "weights": {}, "grads": {}, "exchanges": len(exchanged), "exchanged_bitwise_all_ranks": same}
+           "weights": {}, "grads": {}, "exchanges": len(exchanged), "codes_equal_one_process": codes_equal}
     for name, param in single.named_parameters():
         rows = param.shape[0]
         out["weights"][name] = worst(weights[name][:rows], param.detach())
@@ -221,8 +228,22 @@ def allocation(state: ParallelState, _args) -> list[dict]:
     return out
 
 
+def batch_check(state: ParallelState, _args) -> dict:
+    """assert_same_batch passes equal batches and stops different ones, on every rank alike."""
+    from megamem.errors import MegamemError
+    from megamem.parallel.replica_checks import assert_same_batch
+
+    same = torch.arange(24).reshape(2, 12)
+    assert_same_batch(same, state)
+    try:
+        assert_same_batch(same + (state.tp_rank == 1), state)
+    except MegamemError as err:
+        return {"refused": str(err)}
+    return {"refused": None}
+
+
 SCENARIOS = {"collectives": collectives, "layer": layer, "model": model, "block_bytes": block_bytes,
-             "allocation": allocation}
+             "allocation": allocation, "batch_check": batch_check}
 
 
 def main() -> None:

@@ -41,9 +41,13 @@ def train(shards, run_dir, *overrides, nproc=1, steps=10, background=False):
     return result
 
 
-def losses(run_dir) -> dict[int, float]:
+def losses(run_dir, key: str = "loss") -> dict[int, float]:
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+def grad_norms(run_dir) -> dict[int, float]:
+    return losses(run_dir, "grad_norm")
 
 
 def test_outputs_metrics_and_tensorboard_tags(shards, tmp_path):
@@ -110,10 +114,12 @@ def test_tensor_parallel_runs_match_one_process(shards, tmp_path):
     ranks (p's gradient, Norm3's statistics, the vocabulary-parallel softmax, the data-parallel all-reduce), so the
     losses agree to float32 rounding: 1.2e-7 relative at most over these 10 steps when measured. 1e-4 leaves room
     for a hash flip near zero, which moves a token to another row (the ZeRO test above saw 1.1e-4 from such flips
-    by step 8), and is far below the loss's change per step (>1e-2), which a wrong reduction would show."""
+    by step 8), and is far below the loss's change per step (>1e-2). Adam hardly sees a gradient that is wrong by a
+    constant factor, so the logged gradient norm (the whole model's) is compared too."""
     batch = ["train.global_batch_size=16", "train.eval_interval=1000"]
     train(shards, tmp_path / "one", *batch)
     reference = losses(tmp_path / "one")
+    reference_norms = grad_norms(tmp_path / "one")
     layouts = {"column": (2, ["parallel.tp=2"]), "table": (2, ["parallel.tp=2", "parallel.table_sharding=table"]),
                **{f"dp2-zero{z}": (4, ["parallel.tp=2", f"parallel.zero_stage={z}"]) for z in (1, 2, 3)}}
     for name, (nproc, overrides) in layouts.items():
@@ -121,8 +127,10 @@ def test_tensor_parallel_runs_match_one_process(shards, tmp_path):
         assert "tp=2" in result.stdout, name
         got = losses(tmp_path / name)
         assert sorted(got) == list(range(1, 11)), name
+        norms = grad_norms(tmp_path / name)              # the whole model's: shards on every rank, the rest once
         for step in range(1, 11):
             assert got[step] == pytest.approx(reference[step], rel=1e-4), (name, step)
+            assert norms[step] == pytest.approx(reference_norms[step], rel=1e-4), (name, step)
     received = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()][-1]
                 for name in ("column", "table")}
     per_token = {name: r["tp_forward_bytes_per_token"] + r["tp_backward_bytes_per_token"]

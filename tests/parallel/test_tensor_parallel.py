@@ -58,13 +58,13 @@ def test_split_memory_layer_equals_the_whole(tmp_path, layout, tp, kernel):
         assert close(stats), (name, stats)
 
 
-@pytest.mark.parametrize("arch, layout, tp", [
-    ("memoryformer", "column", 2), ("memoryformer", "column", 4),
-    ("memoryformer", "table", 2), ("memoryformer", "table", 4),
-    ("dense", "column", 2),
+@pytest.mark.parametrize("arch, layout, tp, norm3", [
+    ("memoryformer", "column", 2, "layernorm"), ("memoryformer", "column", 4, "layernorm"),
+    ("memoryformer", "table", 2, "layernorm"), ("memoryformer", "table", 4, "layernorm"),
+    ("memoryformer", "column", 2, "rmsnorm"), ("dense", "column", 2, "layernorm"), ("dense", "column", 4, "layernorm"),
 ])
-def test_whole_model_equals_one_process(tmp_path, arch, layout, tp):
-    result = run(tmp_path, tp, "model", arch, layout, "fp32")
+def test_whole_model_equals_one_process(tmp_path, arch, layout, tp, norm3):
+    result = run(tmp_path, tp, "model", arch, layout, "fp32", norm3)
     if arch == "memoryformer":         # QKV, ML1 and ML2 of both blocks: every rank looks up one process's codes
         assert result["exchanges"] == 6 and result["codes_equal_one_process"]
     for name, stats in result["weights"].items():
@@ -98,7 +98,7 @@ def test_p_in_fp16_stays_close(tmp_path):
     """p shipped in fp16 is p rounded to 2^-11 relative; a chunk whose input lies that close to zero may also hash
     to the other row in a later layer, which moves single logits a lot (7.8% of the largest was seen) but the loss
     little: 1.3e-4 relative was seen, 1e-3 allowed. The weights start equal."""
-    result = run(tmp_path, 2, "model", "memoryformer", "column", "fp16")
+    result = run(tmp_path, 2, "model", "memoryformer", "column", "fp16", "layernorm")
     assert all(stats["abs"] == 0.0 for stats in result["weights"].values())
     assert close(result["loss"], 1e-3), result["loss"]
 

@@ -129,9 +129,9 @@ def layer(state: ParallelState, args) -> dict:
 
 def model(state: ParallelState, args) -> dict:
     """The whole model at tp against one process: initial weights, logits, loss and every gradient."""
-    arch, layout, p_dtype = args
+    arch, layout, p_dtype, norm3 = args
     overrides = [*SMALL, f"model.arch={arch}", f"parallel.table_sharding={layout}", f"parallel.p_dtype={p_dtype}",
-                 "model.memory_bias=true"]
+                 "model.memory_bias=true", f"model.norm3={norm3}"]
     single = build_model(load_config([CONFIGS / "cpu-smoke.yaml"], overrides))
     config = load_config([CONFIGS / "cpu-smoke.yaml"], [*overrides, f"parallel.tp={state.tp}"])
     sharded = build_model(config, device="meta")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -80,8 +81,10 @@ class MegatronSequentialBlock(ParallelResidualDenseBlock):
         return z + mappings.reduce_scatter(self.fc2(h), seq, tp) + mappings.replicated_grad(self.fc2.bias, tp)
 
 
+@functools.cache
 def configs(shape: str, seq_len: int, tp: int) -> dict[str, object]:
-    """One-block configs of the shape: the MemoryFormer and its dense baseline, bf16, this tp."""
+    """One-block configs of the shape: the MemoryFormer and its dense baseline, bf16, this tp (read once; callers
+    change them only through dataclasses.replace)."""
     memoryformer, dense = SHAPES[shape]
     common = ["model.num_layers=1", f"model.seq_len={seq_len}", f"parallel.tp={tp}", "train.precision=bf16"]
     return {"memoryformer": load_config([REPO / "configs" / f"{memoryformer}.yaml"], common),

@@ -45,11 +45,10 @@ def _stage_params(config: Config, tp: int, pp: int) -> tuple[list[StageParams], 
     The rank's shapes come from megamem.parallel.parallelize applied to a meta
     model, the very code a training rank runs, so the plan is what it allocates.
     """
-    whole_model = build_model(config, device="meta")
-    whole = {"table_params": 0, "other_params": 0}
-    for name, param in whole_model.named_parameters():
-        whole["table_params" if name.endswith(".tables") else "other_params"] += param.numel()
     model = build_model(config, device="meta")
+    whole = {"table_params": 0, "other_params": 0}
+    for name, param in model.named_parameters():          # before splitting it
+        whole["table_params" if name.endswith(".tables") else "other_params"] += param.numel()
     state = ParallelState(tp, pp, 1, 0, tensor_parallel=TensorParallelGroup(None, tp, 0))
     parallelize(model, config, state)
     counts = blocks_per_stage(len(model.blocks), pp)

@@ -42,12 +42,10 @@ class TokenNorm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), weight, replicated_grad(self.bias, self.tp), self.eps)
 
 
-class SplitWidthNorm(nn.Module):
+class SplitWidthNorm(TokenNorm):
     def __init__(self, norm: nn.Module, full_width: int, tp: TensorParallelGroup):
-        super().__init__()
-        self.rms, self.eps, self.full_width, self.tp = _is_rms(norm), norm.eps, full_width, tp
-        self.weight = norm.weight
-        self.bias = None if self.rms else norm.bias
+        super().__init__(norm, tp)
+        self.full_width = full_width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()

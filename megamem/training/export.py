@@ -32,7 +32,7 @@ def export_model(run_dir: Path, output: Path, checkpoint: Path | None = None) ->
     checkpoint = checkpoint or _newest(run_dir)
     config = load_config([run_dir / "config.yaml"])
     marker = json.loads((checkpoint / MARKER).read_text())
-    state = consolidated_state(checkpoint, marker, config.parallel.zero_stage)
+    state = _consolidated_state(checkpoint, marker, config.parallel.zero_stage)
     single = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, tp=1, pp=1))
     rows = padded_vocab_size(single.model, single.parallel)
     tensors = {name: (tensor[:rows] if name in VOCAB_PARAMETERS else tensor).detach().float().contiguous().clone()
@@ -50,7 +50,7 @@ def _newest(run_dir: Path) -> Path:
     return complete[-1]
 
 
-def consolidated_state(checkpoint: Path, marker: dict, zero_stage: int) -> dict[str, torch.Tensor]:
+def _consolidated_state(checkpoint: Path, marker: dict, zero_stage: int) -> dict[str, torch.Tensor]:
     """Every parameter at full shape, from all ranks' files of `checkpoint`."""
     tp = marker.get("layout", {}).get("tp", 1)
     shards = [_rank_state(checkpoint, rank, tp, zero_stage) for rank in range(tp)]

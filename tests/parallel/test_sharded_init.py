@@ -17,9 +17,8 @@ from megamem.parallel.marks import partitions
 from megamem.parallel.parallelize import parallelize
 from megamem.parallel.state import ParallelState
 from megamem.training.export import join_tensor_parallel
+from tests.parallel.tp_worker import SMALL
 from tests.paths import CONFIGS
-
-SMALL = ["model.hidden_size=64", "model.num_heads=4", "model.num_layers=2", "model.seq_len=32", "model.vocab_size=97"]
 
 
 def rank_state(overrides: list[str], tp: int, rank: int) -> tuple[dict, dict]:

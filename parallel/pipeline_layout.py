@@ -23,3 +23,15 @@ def stage_of_block(index: int, counts: list[int]) -> int:
             return stage
     raise IndexError(f"block {index} is beyond the {sum(counts)} blocks of the split {counts}")
 
+
+
+def layer_names(num_layers: int) -> list[str]:
+    """The plain model's name of each pipeline layer, by index: the embedding, the blocks, the final norm, the head."""
+    return ["embed", *(f"blocks.{i}" for i in range(num_layers)), "final_norm", "head"]
+
+
+def stage_bounds(num_layers: int, pp: int) -> list[int]:
+    """The pipeline layer index where each stage starts, then the end (DeepSpeed's `parts`): the embedding joins
+    the first stage's blocks, the final norm and the head the last stage's."""
+    starts = list(accumulate(blocks_per_stage(num_layers, pp)))[:-1]
+    return [0, *(blocks + 1 for blocks in starts), num_layers + 3]

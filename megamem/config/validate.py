@@ -141,6 +141,14 @@ class _Checker:
             self.fail(("parallel.pp", "parallel.zero_stage"),
                       "DeepSpeed refuses ZeRO stage 2 or 3 with pipeline parallelism",
                       "use parallel.zero_stage=1 with pipelining, or parallel.pp=1")
+        if p.pp > 1 and m.tie_embeddings:
+            self.fail(("parallel.pp", "model.tie_embeddings"),
+                      "a tied embedding and head would sit on the first and last pipeline stages",
+                      "set model.tie_embeddings=false with pipelining, or parallel.pp=1")
+        if p.pp > 1 and p.zero_stage == 0 and self.config.train.precision == "bf16":
+            self.fail(("parallel.pp", "parallel.zero_stage", "train.precision"),
+                      "DeepSpeed's bf16 optimizer without ZeRO cannot accumulate a pipeline's gradients in fp32",
+                      "use parallel.zero_stage=1 for bf16 pipelining")
         if p.pp > m.num_layers:
             self.fail(("parallel.pp", "model.num_layers"), "more pipeline stages than blocks",
                       f"use parallel.pp <= {m.num_layers}")

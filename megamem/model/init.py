@@ -84,26 +84,36 @@ def init_norm(norm: nn.Module, init) -> None:
         init.zeros(norm.bias)
 
 
-def materialize(model: nn.Module, device: str | torch.device, seed: int) -> nn.Module:
+def materialize(model: nn.Module, device: str | torch.device, seed: int, parts: list[nn.Module] | None = None):
     """Memory on `device` for a model built on the meta device (sharded or not), then seeded values.
 
-    to_empty makes a new Parameter for every place that holds one: parameters
-    shared by several modules (a tied head) are shared again, and the attributes
-    a parameter carries (a shard's description, what DeepSpeed reads) are carried
-    over.
+    `parts` (default: the whole model) are the modules to materialise, e.g. one
+    pipeline stage's; their values are drawn by their names in `model`, so a part
+    starts the same whichever stage holds it. to_empty makes a new Parameter for
+    every place that holds one: parameters shared by several modules (a tied
+    head) are shared again, and the attributes a parameter carries (a shard's
+    description, what DeepSpeed reads) are carried over.
     """
+    parts = [model] if parts is None else parts
     holders: dict[int, list[tuple[nn.Module, str]]] = {}
     attributes: dict[int, dict] = {}
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            holders.setdefault(id(param), []).append((module, name))
-            attributes[id(param)] = dict(vars(param))
-    model.to_empty(device=device)
+    for part in parts:
+        for module in part.modules():
+            for name, param in module.named_parameters(recurse=False):
+                holders.setdefault(id(param), []).append((module, name))
+                attributes[id(param)] = dict(vars(param))
+    for part in parts:
+        part.to_empty(device=device)
     for key, places in holders.items():
         (first, first_name), *others = places
         param = getattr(first, first_name)
         vars(param).update(attributes[key])
         for module, name in others:
             setattr(module, name, param)
-    model.init_weights(SeededInit(model, seed))
+    init = SeededInit(model, seed)
+    for part in parts:
+        if hasattr(part, "init_weights"):
+            part.init_weights(init)
+        else:
+            init_norm(part, init)          # a norm is a part of its own (the final norm of a pipeline's last stage)
     return model

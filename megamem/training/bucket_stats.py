@@ -35,9 +35,12 @@ def whole_chunks(layer: MemoryLayer) -> int:
 
 
 class BucketStats:
-    def __init__(self, model: nn.Module):
+    """`rename` gives a module's plain name where the model renames them (a pipeline numbers its layers)."""
+
+    def __init__(self, model: nn.Module, rename=None):
         self.layers: dict[str, MemoryLayer] = {}
         for name, module in model.named_modules():
+            name = rename(name) if rename and name else name
             short = name.rsplit(".", 1)[-1]
             if isinstance(module, MemoryLayer) and short in KIND_OF:
                 label = f"{name.rsplit('.', 1)[0]}.{KIND_OF[short]}"
@@ -97,6 +100,23 @@ class BucketStats:
             out[f"{kind}/first_table"] = self.counts[labels[0]].view(whole_chunks(first), -1)[0].cpu()
             out[f"{kind}/last_table"] = self.counts[labels[-1]].view(whole_chunks(last), -1)[-1].cpu()
         return out
+
+    @staticmethod
+    def across_stages(local: dict, group) -> dict:
+        """Every pipeline stage's summary() or histograms(), merged (collective over the pipeline group): stages
+        hold different blocks, and a histogram of the first table comes from the first stage that has one."""
+        if dist.get_world_size(group) == 1:
+            return local
+        stages = [None] * dist.get_world_size(group)
+        dist.all_gather_object(stages, local, group=group)
+        merged: dict = {}
+        for stage in stages:
+            for key, value in stage.items():
+                if key.endswith("/first_table"):
+                    merged.setdefault(key, value)
+                else:
+                    merged[key] = value
+        return merged
 
     def reset(self) -> None:
         for label in self.layers:

@@ -93,8 +93,9 @@ def _prune(run_dir: Path, keep: int) -> None:
 
 def _sharding(layout: dict) -> str:
     """What decides which part of a parameter a rank's files hold."""
-    tp, tables = layout.get("tp", 1), layout.get("table_sharding", "column")
-    return f"parallel.tp={tp}" + (f", parallel.table_sharding={tables}" if tp > 1 and tables else "")
+    tp, pp, tables = layout.get("tp", 1), layout.get("pp", 1), layout.get("table_sharding", "column")
+    return (f"parallel.tp={tp}" + (f", parallel.table_sharding={tables}" if tp > 1 and tables else "")
+            + (f", parallel.pp={pp}" if pp > 1 else ""))
 
 
 def load_checkpoint(engine, path: Path, layout: dict) -> dict:

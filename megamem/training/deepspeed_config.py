@@ -25,6 +25,12 @@ def deepspeed_config(config: Config, dp_size: int) -> dict:
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
+    if config.parallel.pp > 1:
+        # whole tensors between stages: the defaults would split them over tensor-parallel ranks, which hold
+        # different positions of the sequence-parallel residual
+        generated["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
+        if train.precision == "bf16":           # micro-batches' gradients add up in fp32, not in bf16
+            generated["data_types"] = {"grad_accum_dtype": "fp32"}
     return _merge(generated, config.deepspeed)
 
 

@@ -42,13 +42,9 @@ def check_layout(config, world_size: int) -> int:
     from megamem.config import validate_world
     from megamem.errors import MegamemError
 
-    par = config.parallel
     if config.train.precision == "fp16" and not torch.cuda.is_available():
         raise MegamemError("train.precision=fp16: DeepSpeed has no fp16 on CPU. Fix: use train.precision=bf16 or fp32 "
                            "on CPU (fp16 with dynamic loss scaling runs on GPUs)")
-    if par.pp > 1:
-        raise MegamemError(f"parallel.pp={par.pp}: this version of megamem trains with tensor and data parallelism "
-                           f"only. Fix: set parallel.pp=1 (megamem plan sizes pipelined layouts)")
     return validate_world(config, world_size)
 
 
@@ -74,7 +70,10 @@ def run_training(config, resume: str) -> None:
     from megamem.model.init import materialize
     from megamem.parallel.activation_checkpointing import apply_activation_checkpointing
     from megamem.parallel.deepspeed_mpu import DeepSpeedMPU
+    from megamem.parallel.grad_norm import clip_across_stages
+    from megamem.parallel.marks import partitions
     from megamem.parallel.parallelize import parallelize
+    from megamem.parallel.pipeline import pipeline_module
     from megamem.parallel.state import ParallelState
     from megamem.training.bucket_stats import BucketStats
     from megamem.training.checkpoint import find_resume
@@ -107,21 +106,31 @@ def run_training(config, resume: str) -> None:
     torch.manual_seed(config.run.seed)
     model = build_model(config, device="meta")
     loss_fn = parallelize(model, config, state)
-    materialize(model, device, config.run.seed)
+    sharded = partitions(model)
     if config.train.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if state.pp > 1:
+        model = pipeline_module(model, config, state, loss_fn, device)
+        mpu = None                                  # the pipeline engine uses the module's grid (asserted to match)
+    else:
+        materialize(model, device, config.run.seed)
+        mpu = DeepSpeedMPU(state)
     optimizer = build_optimizer(model, config.optimizer)
     scheduler = build_scheduler(optimizer, config.train.steps, config.schedule, config.optimizer.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(config, dp), mpu=DeepSpeedMPU(state))
+                                           config=deepspeed_config(config, dp), mpu=mpu)
+    if state.pp > 1:
+        clip_across_stages(engine, state)
     flops_per_token = flops_report(config, config.model.seq_len)["model"]["training_flops_per_token"]
     logger = MetricsLogger(run_dir, rank == 0, config.logging.tensorboard, config.train.steps)
-    trainer = Trainer(config, state, engine, loss_fn, loader, manifests, logger, BucketStats(engine.module),
-                      flops_per_token, device)
+    stats = BucketStats(engine.module, model.plain_name if state.pp > 1 else None)
+    trainer = Trainer(config, state, engine, loss_fn, loader, manifests, logger, stats, flops_per_token, device,
+                      sharded)
     if resume_from is not None:
         trainer.load(resume_from)
     signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
-    layout = f"tp={par.tp} ({par.table_sharding} tables), dp={dp}" if par.tp > 1 else f"dp={dp}"
+    layout = ", ".join([*([f"tp={par.tp} ({par.table_sharding} tables)"] if par.tp > 1 else []),
+                        *([f"pp={par.pp}"] if par.pp > 1 else []), f"dp={dp}"])
     logger.message(f"megamem: training {config.model.arch} on {world} rank(s) ({layout}, ZeRO {par.zero_stage}, "
                    f"{config.train.precision}) into {run_dir}; watch with: "
                    f"tensorboard --logdir {run_dir / 'tensorboard'}")

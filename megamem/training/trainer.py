@@ -19,7 +19,6 @@ import torch.distributed as dist
 from megamem.config.schema import Config
 from megamem.data_tools.loader import TrainLoader, valid_batches
 from megamem.parallel.grad_norm import grad_norm
-from megamem.parallel.marks import partitions
 from megamem.parallel.replica_checks import assert_same_batch
 from megamem.parallel.state import ParallelState
 from megamem.training.bucket_stats import BucketStats
@@ -29,11 +28,15 @@ from megamem.training.metrics import MetricsLogger
 
 class Trainer:
     """`loss_fn(logits, targets)` is handed in: lm_loss for a whole head, megamem.parallel's
-    vocabulary-parallel cross-entropy for a split one; the trainer never looks inside the logits."""
+    vocabulary-parallel cross-entropy for a split one; the trainer never looks inside the logits.
+    `sharded` is what checkpoints record of the tensor-parallel shards (megamem.parallel.marks.partitions of
+    the whole model: a pipeline stage holds only some of them)."""
 
     def __init__(self, config: Config, state: ParallelState, engine, loss_fn, loader: TrainLoader,
                  valid_manifests: list,
-                 logger: MetricsLogger, stats: BucketStats, flops_per_token: int, device: torch.device):
+                 logger: MetricsLogger, stats: BucketStats, flops_per_token: int, device: torch.device,
+                 sharded: dict[str, list[int]]):
+        self.sharded = sharded                      # {plain name: [dim, stride]} of every tensor-parallel shard
         self.config, self.state, self.engine, self.loss_fn, self.loader = config, state, engine, loss_fn, loader
         self.valid_manifests, self.logger, self.stats = valid_manifests, logger, stats
         self.flops_per_token, self.device = flops_per_token, device
@@ -42,10 +45,13 @@ class Trainer:
         self._valid_batches: list[torch.Tensor] | None = None     # the same every evaluation: read once
         self.accumulation = engine.gradient_accumulation_steps()
         self._batch_checked = False                 # tensor-parallel ranks hold the same batch: checked once
+        self.pipelined = state.pp > 1
+        self._pipeline_batches = self._pipeline_inputs()
 
     def train_step(self, measure_grad_norm: bool) -> dict[str, float]:
         """One optimizer step over `accumulation` micro-batches; returns its scalars."""
-        times = dict.fromkeys(("data_ms", "forward_ms", "backward_ms", "optimizer_ms"), 0.0)
+        # a pipeline interleaves micro-batches' forwards and backwards across stages: only the whole step is timed
+        times = {} if self.pipelined else dict.fromkeys(("data_ms", "forward_ms", "backward_ms", "optimizer_ms"), 0.0)
         counter = self.state.tensor_parallel.counter
         counter.reset()
         started = time.perf_counter()
@@ -65,20 +71,36 @@ class Trainer:
                 "tflops_per_gpu": tflops, "mfu": tflops / self.config.logging.peak_tflops,
                 "step_ms": step_ms, **times, "memory_gb": _memory_gb()}
 
+    def _next_batch(self) -> torch.Tensor:
+        batch = next(self.loader).to(self.device, non_blocking=True)
+        if not self._batch_checked:
+            assert_same_batch(batch, self.state)
+            self._batch_checked = True
+        return batch
+
+    def _pipeline_inputs(self):
+        """(inputs, targets) as DeepSpeed's pipeline reads them: the first stage takes inputs, the last targets,
+        the stages between read nothing."""
+        while True:
+            batch = self._next_batch()
+            yield batch[:, :-1], batch[:, 1:]
+
     def _run_step(self, times: dict[str, float], measure_grad_norm: bool) -> tuple[torch.Tensor, float | None]:
         """How a step runs: the one place that talks to the engine's forward, backward and step.
 
-        Returns the step's mean loss (on this rank) and the gradient norm of the whole
-        model (None where the engine does not report one).
+        Returns the step's mean loss and the gradient norm of the whole model (None
+        where the engine does not report one). A pipeline runs the whole step in
+        train_batch, whose loss is the last stage's, averaged over the micro-batches
+        and data-parallel replicas and broadcast to every stage.
         """
+        if self.pipelined:
+            loss = self.engine.train_batch(self._pipeline_batches)
+            return loss.detach().float(), self.engine.get_global_grad_norm()
         losses = []
         norm = None
         for micro in range(self.accumulation):
             mark = time.perf_counter()
-            batch = next(self.loader).to(self.device, non_blocking=True)
-            if not self._batch_checked:
-                assert_same_batch(batch, self.state)
-                self._batch_checked = True
+            batch = self._next_batch()
             times["data_ms"] += self._lap(mark)
             mark = time.perf_counter()
             loss = self.loss_fn(self.engine(batch[:, :-1]), batch[:, 1:])
@@ -111,10 +133,16 @@ class Trainer:
                                                      self.state.dp_rank, self.state.dp, self.config.train.eval_steps))
         self.engine.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for batch in self._valid_batches:
-            batch = batch.to(self.device)
-            total += torch.stack([self.loss_fn(self.engine(batch[:, :-1]), batch[:, 1:]).double(),
-                                  torch.ones((), dtype=torch.float64, device=self.device)])
+        if self.pipelined:                      # the last stage's mean over the batches, broadcast to every stage
+            batches = ((batch[:, :-1], batch[:, 1:]) for batch in self._valid_batches)
+            mean = self.engine.eval_batch(batches, num_micro_batches=len(self._valid_batches))
+            total += torch.stack([mean.double().reshape(()) * len(self._valid_batches),
+                                  torch.tensor(float(len(self._valid_batches)), dtype=torch.float64)]).to(self.device)
+        else:
+            for batch in self._valid_batches:
+                batch = batch.to(self.device)
+                total += torch.stack([self.loss_fn(self.engine(batch[:, :-1]), batch[:, 1:]).double(),
+                                      torch.ones((), dtype=torch.float64, device=self.device)])
         self.engine.train()
         dist.all_reduce(total, group=self.state.group("dp"))
         return (total[0] / total[1]).item()
@@ -126,8 +154,7 @@ class Trainer:
                 "table_sharding": par.table_sharding if memoryformer else None}
 
     def save(self) -> Path:
-        extra = {"loader": self.loader.state_dict(), "layout": self.layout(),
-                 "partitions": partitions(self.engine.module)}
+        extra = {"loader": self.loader.state_dict(), "layout": self.layout(), "partitions": self.sharded}
         path = save_checkpoint(self.engine, Path(self.config.run.dir), self.step, extra, self.config.checkpoint.keep)
         self.logger.message(f"saved checkpoint {path}")
         return path
@@ -162,10 +189,11 @@ class Trainer:
                     scalars["valid_loss"] = self.evaluate()
                     scalars["valid_perplexity"] = math.exp(min(scalars["valid_loss"], 50.0))
                 self.stats.reduce([self.state.group("tp"), self.state.group("dp")])
-                self.logger.log(self.step, scalars, self.stats.summary())
+                pipeline = self.state.group("pp")
+                self.logger.log(self.step, scalars, self.stats.across_stages(self.stats.summary(), pipeline))
                 self.logger.console(self.step, scalars)
                 if self.step % cfg.logging.histogram_interval < cfg.logging.interval:
-                    self.logger.histograms(self.step, self.stats.histograms())
+                    self.logger.histograms(self.step, self.stats.across_stages(self.stats.histograms(), pipeline))
                 self.stats.reset()
             stop = self._agree_to_stop()
             if self.step % cfg.checkpoint.interval == 0 or self.step == total or stop:

@@ -193,10 +193,8 @@ class TrainLoader:
                  dp_size: int, num_workers: int):
         self.args = (manifests, weights, "train", batch_size, seed, dp_rank, dp_size)
         self.num_workers = num_workers
-        # the same on every rank: the checkpoint keeps one position (batches consumed) for all of them
-        # names the data by its shards' checksums, not its directory, so a moved dataset still resumes
-        shards = [[s.sha256 for s in m.shards] for m in manifests]
-        self.fingerprint = hashlib.sha256(repr((shards, weights, batch_size, seed, dp_size)).encode()).hexdigest()
+        self.dp_size = dp_size
+        self.fingerprint = self._fingerprint(dp_size)
         self.batches = 0
         self._iterator = None
 
@@ -218,7 +216,21 @@ class TrainLoader:
     def state_dict(self) -> dict:
         return {"batches": self.batches, "fingerprint": self.fingerprint}
 
-    def load_state_dict(self, state: dict) -> None:
+    def _fingerprint(self, dp_size: int) -> str:
+        """The same on every rank: the checkpoint keeps one position (batches consumed) for all of them. Names the
+        data by its shards' checksums, not its directory, so a moved dataset still resumes."""
+        manifests, weights, _, batch_size, seed, _, _ = self.args
+        shards = [[s.sha256 for s in m.shards] for m in manifests]
+        return hashlib.sha256(repr((shards, weights, batch_size, seed, dp_size)).encode()).hexdigest()
+
+    def load_state_dict(self, state: dict, saved_dp_size: int | None = None) -> None:
+        """`saved_dp_size`: the data-parallel size of the run that saved `state`, where it may differ from this
+        one's (a resharded checkpoint). A global batch holds the same samples at any size, so the position is the
+        same count of global micro-batches."""
+        if saved_dp_size is not None and saved_dp_size != self.dp_size:
+            consumed = state["batches"] * saved_dp_size
+            if state["fingerprint"] == self._fingerprint(saved_dp_size) and consumed % self.dp_size == 0:
+                state = {"batches": consumed // self.dp_size, "fingerprint": self.fingerprint}
         if state["fingerprint"] != self.fingerprint:
             raise DataError("the checkpoint's data position belongs to other datasets, weights, batch size, seed or "
                             "data-parallel layout; resuming would repeat or skip samples. Fix: resume with the same "

@@ -31,7 +31,7 @@ from megamem.config.schema import Config
 from megamem.errors import MegamemError
 from megamem.model.init import materialize
 from megamem.model.language_model import LanguageModel
-from megamem.parallel.pipeline_layout import layer_names, stage_bounds
+from megamem.parallel.pipeline_layout import layer_names, plain_name, stage_bounds
 from megamem.parallel.state import ParallelState
 
 BLOCK_TYPE = {"memoryformer": "MemoryFormerBlock", "dense": "DenseBlock"}
@@ -45,10 +45,7 @@ class NamedPipelineModule(PipelineModule):
         self.layer_names = layer_names(num_layers)
 
     def plain_name(self, name: str) -> str:
-        index, _, rest = name.partition(".")
-        if not index.isdigit():                 # DeepSpeed's own containers (tied_modules): nothing of the model
-            return name
-        return f"{self.layer_names[int(index)]}.{rest}" if rest else self.layer_names[int(index)]
+        return plain_name(name, self.layer_names)
 
 
 def pipeline_module(model: LanguageModel, config: Config, state: ParallelState, loss_fn,

@@ -35,3 +35,12 @@ def stage_bounds(num_layers: int, pp: int) -> list[int]:
     the first stage's blocks, the final norm and the head the last stage's."""
     starts = list(accumulate(blocks_per_stage(num_layers, pp)))[:-1]
     return [0, *(blocks + 1 for blocks in starts), num_layers + 3]
+
+
+def plain_name(name: str, names: list[str]) -> str:
+    """A pipeline's parameter or module name ("3.attn.q.tables", layer 3) under the plain model's ("blocks.2...");
+    names not under a numbered layer (DeepSpeed's own `tied_modules`) are returned as they are."""
+    index, _, rest = name.partition(".")
+    if not index.isdigit():
+        return name
+    return f"{names[int(index)]}.{rest}" if rest else names[int(index)]

@@ -26,22 +26,37 @@ print(f"watch it:  tensorboard --logdir {sys.argv[1]}/tensorboard")
 PY
 
 echo
-echo "tensor parallelism: 20 steps in one process, then split over 2 processes (parallel.tp=2)"
+echo "tensor and pipeline parallelism: 20 steps in one process, then over 2 processes as parallel.tp=2 and as parallel.pp=2"
 short=(configs/cpu-smoke.yaml --set data.path="$data" --set train.steps=20 --set logging.interval=5
        --set data.num_workers=1)
-# one thread per process in both runs, so that both sum in the same order and the losses agree to rounding
+# one thread per process in every run, so that all sum in the same order and the losses agree to rounding
 [ -f "$run-tp1/checkpoints/step-00000020/megamem.json" ] || \
   OMP_NUM_THREADS=1 megamem train "${short[@]}" --set run.dir="$run-tp1" >/dev/null
 [ -f "$run-tp2/checkpoints/step-00000020/megamem.json" ] || \
   OMP_NUM_THREADS=1 megamem train "${short[@]}" --set run.dir="$run-tp2" --set parallel.tp=2 --nproc 2 >/dev/null 2>&1
-python - "$run-tp1" "$run-tp2" <<'PY'
+[ -f "$run-pp2/checkpoints/step-00000020/megamem.json" ] || \
+  OMP_NUM_THREADS=1 megamem train "${short[@]}" --set run.dir="$run-pp2" --set parallel.pp=2 --nproc 2 >/dev/null 2>&1
+python - "$run-tp1" "$run-tp2" "$run-pp2" <<'PY'
 import json, sys
-one, two = ([json.loads(line) for line in open(f"{run}/metrics.jsonl") if '"loss"' in line] for run in sys.argv[1:])
-print(f"{'step':>6}{'loss, 1 process':>18}{'loss, tp=2':>14}{'tp bytes/token fwd + bwd':>28}")
-for a, b in zip(one, two):
-    print(f"{a['step']:>6}{a['loss']:>18.5f}{b['loss']:>14.5f}"
+one, two, pipe = ([json.loads(line) for line in open(f"{run}/metrics.jsonl") if '"loss"' in line]
+                  for run in sys.argv[1:])
+print(f"{'step':>6}{'loss, 1 process':>18}{'loss, tp=2':>14}{'loss, pp=2':>14}{'tp bytes/token fwd + bwd':>28}")
+for a, b, c in zip(one, two, pipe):
+    print(f"{a['step']:>6}{a['loss']:>18.5f}{b['loss']:>14.5f}{c['loss']:>14.5f}"
           f"{b['tp_forward_bytes_per_token']:>16,.0f} + {b['tp_backward_bytes_per_token']:,.0f}")
 print("Same seed, same model: the split runs add some sums in another order (p's gradient, the softmax), so the\n"
       "losses agree to rounding until such a difference sends a chunk lying near zero to its other row; from\n"
-      "then on the two runs drift apart as any two runs of a hashing model do.")
+      "then on the runs drift apart as any two runs of a hashing model do.")
+PY
+echo
+echo "changing the layout: the tp=2 run's checkpoint re-cut for one process (megamem reshard), 5 more steps"
+if [ ! -f "$run-resharded/checkpoints/step-00000025/megamem.json" ]; then
+  rm -rf "$run-resharded"
+  megamem reshard "$run-tp2" --tp 1 --pp 1 --output "$run-resharded" --set train.steps=25 2>/dev/null | tail -1
+  OMP_NUM_THREADS=1 megamem train "$run-resharded/config.yaml" 2>/dev/null | grep "resumed from" || true
+fi
+python - "$run-resharded" <<'PY'
+import json, sys
+print("  ".join(f"step {r['step']}: {r['loss']:.4f}" for r in map(json.loads, open(f"{sys.argv[1]}/metrics.jsonl"))
+                if "loss" in r))
 PY

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megamem.cli import export, flops, plan, preprocess, train, train_tokenizer
+from megamem.cli import export, flops, plan, preprocess, reshard, train, train_tokenizer
 from megamem.errors import MegamemError
 from megamem.training.huge_pages import prefer_huge_pages
 
-COMMANDS = (preprocess, train_tokenizer, train, export, flops, plan)
+COMMANDS = (preprocess, train_tokenizer, train, export, reshard, flops, plan)
 
 DESCRIPTION = """\
 megamem: pretraining for MemoryFormer language models.
@@ -23,6 +23,7 @@ examples:
   megamem plan configs/memoryformer-base.yaml --tp 8 --pp 1 --dp 8 --zero 1 --micro-batch 4
   megamem preprocess --input 'corpus/*.jsonl' --output data/corpus --seq-len 2048 --workers 8
   megamem train configs/memoryformer-tiny.yaml --set data.path=data/corpus --nproc 8
+  megamem reshard runs/mf-tiny --tp 2 --pp 2 --output runs/mf-tiny-tp2pp2
 Run `megamem COMMAND --help` for each command's options."""
 
 

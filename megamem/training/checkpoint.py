@@ -92,10 +92,11 @@ def _prune(run_dir: Path, keep: int) -> None:
 
 
 def _sharding(layout: dict) -> str:
-    """What decides which part of a parameter a rank's files hold."""
+    """What decides which part of the parameters, optimizer state and data a rank's files hold."""
     tp, pp, tables = layout.get("tp", 1), layout.get("pp", 1), layout.get("table_sharding", "column")
     return (f"parallel.tp={tp}" + (f", parallel.table_sharding={tables}" if tp > 1 and tables else "")
-            + (f", parallel.pp={pp}" if pp > 1 else ""))
+            + (f", parallel.pp={pp}" if pp > 1 else "")
+            + f", {layout.get('dp', 1)} data-parallel replica(s), ZeRO {layout.get('zero_stage', 0)}")
 
 
 def load_checkpoint(engine, path: Path, layout: dict) -> dict:
@@ -108,8 +109,9 @@ def load_checkpoint(engine, path: Path, layout: dict) -> dict:
     saved, now = _sharding(marker.get("layout", {})), _sharding(layout)
     if saved != now:
         raise MegamemError(f"{path} was written with {saved}; this run has {now}, and a checkpoint's shards load only "
-                           f"into the layout that wrote them. Fix: resume with {saved}, or set run.dir to a new "
-                           f"directory")
+                           f"into the layout that wrote them. Fix: resume with {saved}, or re-cut it with "
+                           f"`megamem reshard {path.parent.parent} --tp T --pp P --output NEW_RUN` and train "
+                           f"NEW_RUN/config.yaml")
     loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                        load_lr_scheduler_states=True)
     if loaded is None:

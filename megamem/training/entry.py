@@ -48,6 +48,23 @@ def check_layout(config, world_size: int) -> int:
     return validate_world(config, world_size)
 
 
+def unlink_shared_memory_buffers(rank: int) -> None:
+    """Let DeepSpeed's CPU all-reduce buffers go when the run ends, however it ends.
+
+    On one CPU node DeepSpeed gives each rank a 66 MB file in /dev/shm that every
+    other rank maps while init_distributed runs, and never removes it: each run
+    (a killed one too) would leave its files in memory until reboot. Once every
+    rank has mapped them (the barrier), removing the names frees the memory when
+    the last process exits.
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{address}_{port}_{rank}"):
+        path.unlink(missing_ok=True)
+
+
 def open_training_data(config):
     """The run's data spec and checked manifests: a missing or mismatched dataset fails here, before training."""
     from megamem.data_tools.loader import DataSpec, open_datasets
@@ -89,6 +106,8 @@ def run_training(config, resume: str) -> None:
         torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
     rank, world = dist.get_rank(), dist.get_world_size()
+    if not cuda:
+        unlink_shared_memory_buffers(rank)
     par = config.parallel
     dp = check_layout(config, world)
     state = ParallelState.for_world(par.tp, par.pp, world, rank)
@@ -129,6 +148,11 @@ def run_training(config, resume: str) -> None:
     if resume_from is not None:
         trainer.load(resume_from)
     signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if par.tp > 1 and local % par.tp:
+        logger.message(f"megamem: warning: parallel.tp={par.tp} does not divide the {local} ranks per node, so "
+                       f"tensor-parallel groups span nodes and every block's all-gathers cross the network; use a "
+                       f"tp that divides the GPUs per node")
     layout = ", ".join([*([f"tp={par.tp} ({par.table_sharding} tables)"] if par.tp > 1 else []),
                         *([f"pp={par.pp}"] if par.pp > 1 else []), f"dp={dp}"])
     logger.message(f"megamem: training {config.model.arch} on {world} rank(s) ({layout}, ZeRO {par.zero_stage}, "

@@ -35,6 +35,14 @@ def parameter_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
             for name, params in buckets.items() if params]
 
 
+def parameter_group_names(model: nn.Module, cfg: OptimizerConfig) -> list[list[str]]:
+    """The names of parameter_groups' parameters, in its order (how a saved torch optimizer state is keyed)."""
+    names = {}
+    for name, param in model.named_parameters():
+        names.setdefault(id(param), name)
+    return [[names[id(param)] for param in group["params"]] for group in parameter_groups(model, cfg)]
+
+
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 

@@ -8,6 +8,7 @@ preempting the job, leads every rank to the same final checkpoint.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -22,8 +23,9 @@ from megamem.parallel.grad_norm import grad_norm
 from megamem.parallel.replica_checks import assert_same_batch
 from megamem.parallel.state import ParallelState
 from megamem.training.bucket_stats import BucketStats
-from megamem.training.checkpoint import load_checkpoint, save_checkpoint
+from megamem.training.checkpoint import MARKER, load_checkpoint, save_checkpoint
 from megamem.training.metrics import MetricsLogger
+from megamem.training.reshard import is_universal, load_universal
 
 
 class Trainer:
@@ -160,9 +162,18 @@ class Trainer:
         return path
 
     def load(self, path: Path) -> None:
-        marker = load_checkpoint(self.engine, path, self.layout())
+        marker = json.loads((path / MARKER).read_text())
+        saved_dp = None
+        if is_universal(marker):                # written by megamem reshard: whole tensors, any layout
+            rename = self.engine.module.plain_name if self.pipelined else str
+            load_universal(self.engine, path, marker, rename, self.state.ranks_of("dp")[0])
+            if not marker["optimizer"]:
+                self.logger.message(f"{path} was resharded with --weights-only: Adam's moments start from zero")
+            saved_dp = (marker["source"]["layout"] or {}).get("dp")
+        else:
+            marker = load_checkpoint(self.engine, path, self.layout())
         self.step = marker["step"]
-        self.loader.load_state_dict(marker["loader"])
+        self.loader.load_state_dict(marker["loader"], saved_dp)
         self.logger.message(f"resumed from {path} at step {self.step}")
 
     def _agree_to_stop(self) -> bool:

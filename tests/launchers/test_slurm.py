@@ -108,16 +108,20 @@ def wait_for(job: str, env: dict, timeout: float) -> dict[str, str]:
     pytest.fail(f"job {job} did not finish within {timeout} s")
 
 
-@pytest.mark.parametrize("mode, tasks_per_node", [("deepspeed", 1), ("srun", 2)])
-def test_sbatch_trains_two_ranks_and_checkpoints(cluster, tmp_path, mode, tasks_per_node):
-    """deepspeed: one task per node runs the deepspeed launcher; srun: one task per rank."""
+@pytest.mark.parametrize("mode, tasks_per_node, layout, described", [
+    ("deepspeed", 1, "", "on 2 rank(s) (dp=2"),
+    ("srun", 2, "parallel.pp=2", "on 2 rank(s) (pp=2, dp=1"),
+])
+def test_sbatch_trains_two_ranks_and_checkpoints(cluster, tmp_path, mode, tasks_per_node, layout, described):
+    """deepspeed: one task per node runs the deepspeed launcher, data-parallel; srun: one task per rank, two
+    pipeline stages."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     data = tmp_path / "data"
     preprocess(PreprocessArgs([str(stdlib / "json"), str(stdlib / "email")], str(data), seq_len=128,
                               valid_fraction=0.1))
     run = tmp_path / "run"
     settings = (f"data.path={data} run.dir={run} train.steps=6 train.global_batch_size=16 logging.interval=2 "
-                "data.num_workers=0")
+                f"data.num_workers=0 {layout}")
     env = dict(cluster, MEGAMEM_CONFIG="configs/cpu-smoke.yaml", MEGAMEM_SET=settings, GPUS_PER_NODE="2",
                MEGAMEM_MODE=mode, MEGAMEM_VENV=str(Path(sys.executable).parents[1]), OMP_NUM_THREADS="1",
                MASTER_PORT=str(free_port()))
@@ -130,7 +134,7 @@ def test_sbatch_trains_two_ranks_and_checkpoints(cluster, tmp_path, mode, tasks_
     fields = wait_for(job, cluster, timeout=400)
     log = output.read_text() if output.exists() else "(no job output)"
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", log[-4000:]
-    assert "2 ranks per node" in log and "on 2 rank(s) (dp=2" in log
+    assert "2 ranks per node" in log and described in log, log[-4000:]
     assert (run / "checkpoints" / "step-00000006" / "megamem.json").is_file()
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 2, 4, 6]

@@ -16,7 +16,7 @@ from megamem.parallel.mappings import TensorParallelGroup
 from megamem.parallel.marks import partitions
 from megamem.parallel.parallelize import parallelize
 from megamem.parallel.state import ParallelState
-from megamem.training.export import join_tensor_parallel
+from megamem.training.checkpoint_reader import join_tensor_parallel
 from tests.parallel.tp_worker import SMALL
 from tests.paths import CONFIGS
 

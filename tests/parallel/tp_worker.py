@@ -24,7 +24,7 @@ from megamem.parallel.hashed_exchange import gather_hashed, route_hashed
 from megamem.parallel.marks import partitions, shard_parameter
 from megamem.parallel.parallelize import parallelize
 from megamem.parallel.state import ParallelState
-from megamem.training.export import join_tensor_parallel
+from megamem.training.checkpoint_reader import join_tensor_parallel
 from tests.paths import CONFIGS
 
 SMALL = ["model.hidden_size=64", "model.num_heads=4", "model.num_layers=2", "model.seq_len=32", "model.vocab_size=97",
@@ -228,6 +228,40 @@ def allocation(state: ParallelState, _args) -> list[dict]:
     return out
 
 
+def pipeline_allocation(world: ParallelState, args) -> list[dict]:
+    """Parameters and table values each rank of a tp x pp layout holds after building its pipeline stage as
+    training does, for both models (args: tp, pp)."""
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    from megamem.parallel.pipeline import pipeline_module
+    from megamem.training.entry import unlink_shared_memory_buffers
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    unlink_shared_memory_buffers(world.rank)
+    tp, pp = int(args[0]), int(args[1])
+    state = ParallelState.for_world(tp, pp, world.world_size, world.rank)
+    state.build_groups()
+    out = []
+    for overrides in (["model.num_layers=4"], ["model.num_layers=3", "model.arch=dense"]):
+        overrides = [*SMALL, *overrides, f"parallel.tp={tp}", f"parallel.pp={pp}"]
+        config = load_config([CONFIGS / "cpu-smoke.yaml"], overrides)
+        model = build_model(config, device="meta")
+        loss_fn = parallelize(model, config, state)
+        pipe = pipeline_module(model, config, state, loss_fn, torch.device("cpu"))
+        assert not any(p.is_meta for p in pipe.parameters())
+        mine = torch.tensor([sum(p.numel() for p in pipe.parameters()),
+                             sum(p.numel() for n, p in pipe.named_parameters() if n.endswith(".tables"))])
+        every = [torch.empty_like(mine) for _ in range(state.world_size)]
+        dist.all_gather(every, mine)
+        out.append({"overrides": overrides, "params": [int(t[0]) for t in every],
+                    "tables": [int(t[1]) for t in every], "stage_of_rank": [r // (tp * state.dp)
+                                                                           for r in range(state.world_size)]})
+    return out
+
+
 def batch_check(state: ParallelState, _args) -> dict:
     """assert_same_batch passes equal batches and stops different ones, on every rank alike."""
     from megamem.errors import MegamemError
@@ -243,7 +277,7 @@ def batch_check(state: ParallelState, _args) -> dict:
 
 
 SCENARIOS = {"collectives": collectives, "layer": layer, "model": model, "block_bytes": block_bytes,
-             "allocation": allocation, "batch_check": batch_check}
+             "allocation": allocation, "pipeline_allocation": pipeline_allocation, "batch_check": batch_check}
 
 
 def main() -> None:

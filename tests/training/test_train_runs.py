@@ -6,25 +6,14 @@ import os
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from megamem.data_tools.preprocess import PreprocessArgs, preprocess
 from megamem.training.export import load_exported
 from tests.paths import CONFIGS, REPO
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """Real text: two packages of the Python standard library, byte-tokenized at cpu-smoke's seq_len."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    out = tmp_path_factory.mktemp("data") / "stdlib"
-    preprocess(PreprocessArgs([str(stdlib / "json"), str(stdlib / "email")], str(out), seq_len=128, valid_fraction=0.1))
-    return out
 
 
 def train(shards, run_dir, *overrides, nproc=1, steps=10, background=False):
@@ -145,8 +134,9 @@ def test_tensor_parallel_runs_match_one_process(shards, tmp_path):
     command = [sys.executable, "-m", "megamem.cli.main", "train", str(CONFIGS / "cpu-smoke.yaml"), "--set",
                f"data.path={shards}", "--set", f"run.dir={tmp_path / 'column'}", "--set", "train.steps=20"]
     moved = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    assert moved.returncode == 2 and "was written with parallel.tp=2, parallel.table_sharding=column; this run " \
-                                     "has parallel.tp=1" in moved.stderr, moved.stderr[-2000:]
+    assert moved.returncode == 2 and "was written with parallel.tp=2, parallel.table_sharding=column, 1 " \
+                                     "data-parallel replica(s), ZeRO 0; this run has parallel.tp=1" in moved.stderr, \
+        moved.stderr[-2000:]
 
     # The exported tp = 2 model is the one-process model (vocabulary cut to the one-process padding); the hash makes
     # weights-to-codes discontinuous, so allow about one Adam step (the LR, 3e-3) as in the ZeRO export check above.
@@ -201,12 +191,16 @@ def load_exported_from(run_dir):
     return load_exported(target)
 
 
-def test_sigterm_saves_and_resume_continues_exactly(shards, tmp_path):
+@pytest.mark.parametrize("nproc, layout", [(1, []), (2, ["parallel.pp=2"])])
+def test_sigterm_saves_and_resume_continues_exactly(shards, tmp_path, nproc, layout):
+    """One process, and two pipeline stages (where the signal reaches one stage's process first: the agreement to
+    stop is an all-reduce over every rank, so both stages save the same step)."""
     uninterrupted = tmp_path / "straight"
-    train(shards, uninterrupted, "train.eval_interval=1000", steps=14)
+    train(shards, uninterrupted, "train.eval_interval=1000", *layout, steps=14, nproc=nproc)
 
     run = tmp_path / "preempted"
-    process = train(shards, run, "train.eval_interval=1000", "checkpoint.interval=1000", steps=14, background=True)
+    process = train(shards, run, "train.eval_interval=1000", "checkpoint.interval=1000", *layout, steps=14,
+                    background=True, nproc=nproc)
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
@@ -219,7 +213,7 @@ def test_sigterm_saves_and_resume_continues_exactly(shards, tmp_path):
     assert len(saved) == 1 and saved[0] < "step-00000014"
     stopped_at = int(saved[0].split("-")[1])
 
-    result = train(shards, run, "train.eval_interval=1000", "checkpoint.interval=1000", steps=14)
+    result = train(shards, run, "train.eval_interval=1000", "checkpoint.interval=1000", *layout, steps=14, nproc=nproc)
     assert f"at step {stopped_at}" in result.stdout
     straight, resumed = losses(uninterrupted), losses(run)
     assert sorted(resumed) == list(range(1, 15))

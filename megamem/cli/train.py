@@ -53,8 +53,18 @@ def run(args: argparse.Namespace) -> int:
     return _launch(args, config)
 
 
+def _cmdline_has(process, text: str) -> bool:
+    import psutil
+
+    try:
+        return text in " ".join(process.cmdline())
+    except psutil.Error:
+        return False
+
+
 def _launch(args: argparse.Namespace, config) -> int:
     """The deepspeed launcher with N local ranks; SIGTERM is passed on, and a run it stopped cleanly exits 0."""
+    import psutil
     import torch
 
     from megamem.training import entry
@@ -76,8 +86,19 @@ def _launch(args: argparse.Namespace, config) -> int:
     stopped = []
 
     def forward(signum, _frame):
+        """To the training ranks themselves: the deepspeed runner dies of SIGTERM without passing it on, and its
+        launch.py would SIGKILL ranks still saving after 30 s. Before any rank exists, to the whole tree."""
         stopped.append(signum)
-        child.send_signal(signum)
+        try:
+            tree = psutil.Process(child.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        ranks = [p for p in tree if _cmdline_has(p, entry.__file__)]
+        for process in ranks or [*tree, psutil.Process(child.pid)]:
+            try:
+                process.send_signal(signum)
+            except psutil.NoSuchProcess:
+                pass
 
     previous = signal.signal(signal.SIGTERM, forward)
     try:

@@ -109,9 +109,9 @@ def load_checkpoint(engine, path: Path, layout: dict) -> dict:
     saved, now = _sharding(marker.get("layout", {})), _sharding(layout)
     if saved != now:
         raise MegamemError(f"{path} was written with {saved}; this run has {now}, and a checkpoint's shards load only "
-                           f"into the layout that wrote them. Fix: resume with {saved}, or re-cut it with "
-                           f"`megamem reshard {path.parent.parent} --tp T --pp P --output NEW_RUN` and train "
-                           f"NEW_RUN/config.yaml")
+                           f"into the layout that wrote them. Fix: resume with {saved}, or re-cut it with `megamem "
+                           f"reshard {path.parent.parent} --tp T --pp P [--set parallel.zero_stage=Z] --output "
+                           f"NEW_RUN` and train NEW_RUN/config.yaml")
     loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                        load_lr_scheduler_states=True)
     if loaded is None:

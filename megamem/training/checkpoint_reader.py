@@ -41,8 +41,7 @@ class CheckpointState:
     weights: dict[str, torch.Tensor]
     optimizer: dict[str, dict[str, torch.Tensor]] | None     # {"exp_avg": {name: tensor}, "exp_avg_sq": {...}}
     optimizer_steps: int | None                                # Adam's step count (bias correction)
-    scheduler: dict | None                                     # the LR scheduler's state_dict
-    marker: dict
+    marker: dict                                               # its "layout" is the one that wrote the data position
 
 
 def read_checkpoint(checkpoint: Path, config: Config, with_optimizer: bool = True) -> CheckpointState:
@@ -50,10 +49,12 @@ def read_checkpoint(checkpoint: Path, config: Config, with_optimizer: bool = Tru
         raise MegamemError(f"{checkpoint} is not a complete megamem checkpoint (no {MARKER}). Fix: pass a "
                            f"directory like RUN/checkpoints/step-00001000 written by megamem train")
     marker = json.loads((checkpoint / MARKER).read_text())
+    if marker.get("format") == "universal":
+        return _read_universal(checkpoint, marker, with_optimizer)
     layout = marker.get("layout", {})
-    tp, pp = layout.get("tp", 1), layout.get("pp", 1)
     zero = layout.get("zero_stage", config.parallel.zero_stage)
-    stages = [_read_stage(checkpoint, config, tp, pp, stage, zero, with_optimizer) for stage in range(pp)]
+    stages = [_read_stage(checkpoint, config, layout, stage, zero, with_optimizer)
+              for stage in range(layout.get("pp", 1))]
     partitions = marker.get("partitions", {})
     weights = {}
     moments = {kind: {} for kind in MOMENTS} if all(s["moments"] is not None for s in stages) else None
@@ -65,9 +66,21 @@ def read_checkpoint(checkpoint: Path, config: Config, with_optimizer: bool = Tru
     if config.model.tie_embeddings:              # one parameter; ZeRO's partitions hold it under one of its names
         weights.setdefault("head.weight", weights.get("embed.weight"))
         weights.setdefault("embed.weight", weights["head.weight"])
-    first = _load(_model_file(checkpoint, 0))
-    steps = stages[0]["steps"] if moments is not None else None
-    return CheckpointState(weights, moments, steps, first.get("lr_scheduler"), marker)
+    return CheckpointState(weights, moments, stages[0]["steps"] if moments is not None else None, marker)
+
+
+def _read_universal(checkpoint: Path, marker: dict, with_optimizer: bool) -> CheckpointState:
+    """A checkpoint megamem reshard wrote (whole tensors already), read the same way, e.g. to re-cut it again."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint / "weights.safetensors"))
+    moments = None
+    if with_optimizer and marker["optimizer"]:
+        saved = load_file(str(checkpoint / "optimizer.safetensors"))
+        moments = {kind: {name[len(kind) + 1:]: tensor for name, tensor in saved.items()
+                          if name.startswith(f"{kind}.")} for kind in MOMENTS}
+    written_by = {**marker, "layout": (marker.get("source") or {}).get("layout") or {}}
+    return CheckpointState(weights, moments, marker["optimizer_steps"] if moments else None, written_by)
 
 
 def join_tensor_parallel(shards: list[dict[str, torch.Tensor]], partitions: dict[str, list[int]]) -> dict:
@@ -104,16 +117,16 @@ def _model_file(checkpoint: Path, mp_rank: int) -> Path:
     return files[-1]
 
 
-def _read_stage(checkpoint: Path, config: Config, tp: int, pp: int, stage: int, zero: int,
-                with_optimizer: bool) -> dict:
+def _read_stage(checkpoint: Path, config: Config, layout: dict, stage: int, zero: int, with_optimizer: bool) -> dict:
     """One pipeline stage's tensors per tensor-parallel rank, under plain names."""
+    tp, pp, dp = layout.get("tp", 1), layout.get("pp", 1), layout.get("dp", 1)
     plain = _renamer(config.model.num_layers, pp)
 
     weights, moments, steps = [], [], None
     for tp_rank in range(tp):
         mp_rank = stage * tp + tp_rank
         if zero < 3 and _partition_files(checkpoint, mp_rank):       # ZeRO 1/2, and bf16's optimizer at ZeRO 0
-            fp32, rank_moments, steps = _zero_partitions(checkpoint, mp_rank, plain)
+            fp32, rank_moments, steps = _zero_partitions(checkpoint, mp_rank, dp, plain, with_optimizer)
         else:
             fp32 = _module_weights(checkpoint, config, tp, tp_rank, pp, stage, zero, plain)
             rank_moments = None
@@ -157,7 +170,7 @@ def _partition_files(checkpoint: Path, mp_rank: int) -> list[Path]:
     return sorted(files, key=lambda path: int(re.search(r"zero_pp_rank_(\d+)_", path.name).group(1)))
 
 
-def _zero_partitions(checkpoint: Path, mp_rank: int, plain):
+def _zero_partitions(checkpoint: Path, mp_rank: int, dp: int, plain, with_optimizer: bool):
     """fp32 weights, Adam's moments and step of one mp rank, from its ZeRO 1/2 partitions over data-parallel ranks.
 
     Each rank's file holds, per parameter group, a flat fp32 partition, Adam's state
@@ -165,14 +178,19 @@ def _zero_partitions(checkpoint: Path, mp_rank: int, plain):
     A parameter's fragments, in data-parallel rank order, are the parameter.
     """
     files = _partition_files(checkpoint, mp_rank)
+    if len(files) != dp:
+        raise MegamemError(f"{checkpoint} holds {len(files)} optimizer partitions of mp rank {mp_rank}, its layout "
+                           f"{dp} (one per data-parallel replica): the checkpoint is incomplete. Fix: use another "
+                           f"checkpoint of the run")
+    kinds = ("fp32", *MOMENTS) if with_optimizer else ("fp32",)
     shapes = _load(_model_file(checkpoint, mp_rank))["param_shapes"]
-    pieces: dict[str, dict[str, list[torch.Tensor]]] = {kind: {} for kind in ("fp32", *MOMENTS)}
+    pieces: dict[str, dict[str, list[torch.Tensor]]] = {kind: {} for kind in kinds}
     steps = None
     for path in files:
         state = _load(path)["optimizer_state_dict"]
         for group, mapping in enumerate(state["param_slice_mappings"]):
             flat = {"fp32": state["single_partition_of_fp32_groups"][group],
-                    **{kind: state["base_optimizer_state"]["state"][group][kind] for kind in MOMENTS}}
+                    **{kind: state["base_optimizer_state"]["state"][group][kind] for kind in kinds[1:]}}
             steps = int(state["base_optimizer_state"]["state"][group]["step"])
             for name, fragment in mapping.items():
                 for kind, tensor in flat.items():
@@ -180,7 +198,7 @@ def _zero_partitions(checkpoint: Path, mp_rank: int, plain):
     shape_of = {name: shape for group in shapes for name, shape in group.items()}
     whole = {kind: {plain(name): torch.cat(parts).view(shape_of[name]) for name, parts in by_name.items()}
              for kind, by_name in pieces.items()}
-    return whole["fp32"], {kind: whole[kind] for kind in MOMENTS}, steps
+    return whole["fp32"], ({kind: whole[kind] for kind in MOMENTS} if with_optimizer else None), steps
 
 
 def _torch_adam(checkpoint: Path, config: Config, tp: int, tp_rank: int, pp: int, stage: int, mp_rank: int):

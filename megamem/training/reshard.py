@@ -16,13 +16,15 @@ moments through DeepSpeed's tensor-fragment API where ZeRO or the bf16 optimizer
 keep them, into torch's AdamW otherwise. What is not carried: each rank's random
 number state (the new ranks are other ranks; megamem's training draws no random
 numbers after initialisation). A source whose optimizer state cannot be read
-(ZeRO 3, fp16) is refused unless --weights-only says Adam may restart, and the
-resumed run then says so.
+(ZeRO 3, or bf16/fp16 without ZeRO) is refused unless --weights-only says Adam
+may restart, and the resumed run then says so. The LR schedule is recomputed at the
+step from the new run's config.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -44,16 +46,19 @@ def reshard(source: Path, config: Config, target: Config, output: Path, weights_
     from megamem.config import save_config
     from megamem.data_tools.shards import atomic_write
 
+    check_target(target)
     if complete_checkpoints(output):
         raise MegamemError(f"{output} already holds checkpoints; resharding into it would mix two runs. Fix: pass "
                            f"--output with a new directory")
     state = read_checkpoint(source, config, with_optimizer=not weights_only)
     if state.optimizer is None and not weights_only:
-        raise MegamemError(f"{source} keeps Adam's state in a form megamem reshard cannot read (ZeRO stage 3 or "
-                           f"fp16); without it Adam's moments would restart from zero. Fix: pass --weights-only to "
-                           f"accept that, or reshard a checkpoint of a ZeRO 0-2 run in fp32 or bf16")
+        raise MegamemError(f"{source} keeps Adam's state in a form megamem reshard cannot read (ZeRO stage 3, or "
+                           f"bf16/fp16 without ZeRO); without it Adam's moments would restart from zero. Fix: pass "
+                           f"--weights-only to accept that, or reshard a checkpoint of a ZeRO 1-2 run, or of an fp32 "
+                           f"run without ZeRO")
     step = state.marker["step"]
     tag = checkpoint_dir(output) / tag_for(step)
+    shutil.rmtree(tag, ignore_errors=True)              # what an interrupted reshard left (it has no marker)
     tag.mkdir(parents=True)
     save_config(dataclasses.replace(target, run=dataclasses.replace(target.run, dir=str(output))),
                 output / "config.yaml")
@@ -63,7 +68,6 @@ def reshard(source: Path, config: Config, target: Config, output: Path, weights_
                           for kind in MOMENTS for name, tensor in state.optimizer[kind].items()}, tag / OPTIMIZER)
     marker = {"step": step, "format": FORMAT, "loader": state.marker["loader"],
               "optimizer": state.optimizer is not None, "optimizer_steps": state.optimizer_steps,
-              "scheduler": state.scheduler,
               "source": {"checkpoint": str(source), "layout": state.marker.get("layout")}}
     atomic_write(tag / MARKER, json.dumps(marker).encode())
     return tag
@@ -79,15 +83,27 @@ def is_universal(marker: dict) -> bool:
     return marker.get("format") == FORMAT
 
 
-def load_universal(engine, path: Path, marker: dict, rename, dp_source_rank: int) -> None:
+def check_target(target: Config) -> None:
+    """Refuse a layout whose optimizer a resharded checkpoint cannot be written into."""
+    if target.parallel.zero_stage == 0 and target.train.precision != "fp32":
+        raise MegamemError(f"train.precision={target.train.precision} with parallel.zero_stage=0: DeepSpeed's "
+                           f"{target.train.precision} optimizer without ZeRO keeps fp32 copies of the weights that a "
+                           f"resharded checkpoint cannot be written into. Fix: --set parallel.zero_stage=1 (or 2, 3)")
+
+
+def load_universal(engine, path: Path, marker: dict, rename, dp_size: int) -> None:
     """Fill this rank's engine from a resharded checkpoint (collective under ZeRO 3: every rank calls it).
 
-    `rename` gives a parameter's plain name; `dp_source_rank` is the first global rank of this rank's
-    data-parallel group (where ZeRO 3 gathers a parameter to write it).
+    `rename` gives a parameter's plain name; `dp_size` is the number of replicas ZeRO partitions over.
     """
     from safetensors import safe_open
 
-    base = getattr(engine.optimizer, "optimizer", engine.optimizer)     # torch's AdamW, under any wrapper
+    torch_adam = isinstance(engine.optimizer, torch.optim.Optimizer)          # fp32 without ZeRO
+    zero3 = hasattr(engine.optimizer, "fp32_partitioned_groups_flat")
+    if not (torch_adam or zero3 or hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state")):
+        raise MegamemError(f"{path} cannot be loaded into DeepSpeed's {type(engine.optimizer).__name__} (mixed "
+                           f"precision without ZeRO). Fix: resume it with --set parallel.zero_stage=1")
+    base = engine.optimizer if torch_adam else engine.optimizer.optimizer     # torch's AdamW itself
     if marker["optimizer"]:
         _create_adam_state(base, getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
         if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
@@ -101,21 +117,30 @@ def load_universal(engine, path: Path, marker: dict, rename, dp_source_rank: int
             if plain not in weights.keys():
                 raise MegamemError(f"{path} holds no parameter {plain}: it was resharded from another model. Fix: "
                                    f"train with the config.yaml megamem reshard wrote beside it")
+            if zero3 and param.ds_numel % dp_size:
+                raise MegamemError(f"{plain} ({param.ds_numel} values) does not split evenly over {dp_size} ZeRO-3 "
+                                   f"replicas, and DeepSpeed writes a resharded ZeRO-3 parameter only when it does. "
+                                   f"Fix: resume with --set parallel.zero_stage=1 (or 2), or a data-parallel size "
+                                   f"that divides it")
             value = _local_slice(weights, plain, param)
             state = {kind: _local_slice(moments, f"{kind}.{plain}", param) for kind in MOMENTS} if moments else {}
-            _set_parameter(engine, base, param, value, state, dp_source_rank)
+            _set_parameter(base, param, value, state, torch_adam)
     steps = marker["optimizer_steps"]
     if marker["optimizer"] and steps is not None:
         for state in base.state.values():
             if "step" in state:
                 state["step"] = torch.full_like(state["step"], steps) if torch.is_tensor(state["step"]) else steps
-    scheduler = marker["scheduler"]
-    if scheduler is not None and engine.lr_scheduler is not None:
-        engine.lr_scheduler.load_state_dict(scheduler)
-        for group, lr in zip(engine.optimizer.param_groups, scheduler["_last_lr"], strict=True):
-            group["lr"] = lr
+    _schedule_at(engine.lr_scheduler, engine.optimizer.param_groups, marker["step"])
     engine.global_steps = marker["step"]
     engine.global_samples = marker["step"] * engine.train_batch_size()
+
+
+def _schedule_at(scheduler, groups: list[dict], step: int) -> None:
+    """The LR schedule `step` steps in, from this run's config (so --set optimizer.lr=... at reshard applies)."""
+    scheduler.last_epoch, scheduler._step_count = step, step + 1
+    for group, base_lr, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base_lr * factor(step)
+    scheduler._last_lr = [group["lr"] for group in groups]
 
 
 def _create_adam_state(base, zero3_partitions: list) -> None:
@@ -127,23 +152,23 @@ def _create_adam_state(base, zero3_partitions: list) -> None:
                                   **{kind: torch.zeros_like(tensor) for kind in MOMENTS}}
 
 
-def _set_parameter(engine, base, param, value: torch.Tensor, moments: dict, dp_source_rank: int) -> None:
+def _set_parameter(base, param, value: torch.Tensor, moments: dict, torch_adam: bool) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    if hasattr(param, "ds_id"):                  # ZeRO 3: the rank holds a partition; write the gathered whole
+    if hasattr(param, "ds_id"):      # ZeRO 3: the rank holds a partition; every replica writes the same whole
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=dp_source_rank):
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             param.data.copy_(value.to(param.dtype))
     else:
         param.data.copy_(value.to(param.dtype))
-    if hasattr(param, "_hp_mapping") or hasattr(param, "ds_id"):      # ZeRO 1-3 and bf16 keep fp32 masters apart
+    if torch_adam:                              # torch's AdamW holds the parameter itself
+        for kind, tensor in moments.items():
+            base.state[param][kind].copy_(tensor)
+    else:                                       # ZeRO 1-3 and bf16 keep fp32 masters and Adam's state apart
         safe_set_full_fp32_param(param, value.to(param.device))
         for kind, tensor in moments.items():
             safe_set_full_optimizer_state(param, tensor.to(param.device), kind)
-    else:                                       # torch's AdamW holds the parameter itself
-        for kind, tensor in moments.items():
-            base.state[param][kind].copy_(tensor)
 
 
 def _local_slice(handle, name: str, param: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from megamem.config.schema import Config
 from megamem.data_tools.loader import TrainLoader, valid_batches
+from megamem.errors import MegamemError
 from megamem.parallel.grad_norm import grad_norm
 from megamem.parallel.replica_checks import assert_same_batch
 from megamem.parallel.state import ParallelState
@@ -135,11 +136,19 @@ class Trainer:
                                                      self.state.dp_rank, self.state.dp, self.config.train.eval_steps))
         self.engine.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        if self.pipelined:                      # the last stage's mean over the batches, broadcast to every stage
-            batches = ((batch[:, :-1], batch[:, 1:]) for batch in self._valid_batches)
-            mean = self.engine.eval_batch(batches, num_micro_batches=len(self._valid_batches))
-            total += torch.stack([mean.double().reshape(()) * len(self._valid_batches),
-                                  torch.tensor(float(len(self._valid_batches)), dtype=torch.float64)]).to(self.device)
+        if self.pipelined:
+            # the last stage's mean over the batches, averaged over replicas by DeepSpeed and broadcast to every
+            # stage; so that it is the mean over batches, every replica evaluates as many (the smallest share)
+            share = torch.tensor([len(self._valid_batches)], device=self.device)
+            dist.all_reduce(share, op=dist.ReduceOp.MIN, group=self.state.group("dp"))
+            count = int(share.item())
+            if count == 0:
+                raise MegamemError(f"train.eval_steps={self.config.train.eval_steps} validation batches leave some "
+                                   f"of the {self.state.dp} data-parallel replicas none. Fix: set train.eval_steps "
+                                   f"to at least {self.state.dp}")
+            batches = ((batch[:, :-1], batch[:, 1:]) for batch in self._valid_batches[:count])
+            mean = self.engine.eval_batch(batches, num_micro_batches=count)
+            total += torch.tensor([mean.item() * count, float(count)], dtype=torch.float64, device=self.device)
         else:
             for batch in self._valid_batches:
                 batch = batch.to(self.device)
@@ -166,7 +175,7 @@ class Trainer:
         saved_dp = None
         if is_universal(marker):                # written by megamem reshard: whole tensors, any layout
             rename = self.engine.module.plain_name if self.pipelined else str
-            load_universal(self.engine, path, marker, rename, self.state.ranks_of("dp")[0])
+            load_universal(self.engine, path, marker, rename, self.state.dp)
             if not marker["optimizer"]:
                 self.logger.message(f"{path} was resharded with --weights-only: Adam's moments start from zero")
             saved_dp = (marker["source"]["layout"] or {}).get("dp")

@@ -68,9 +68,14 @@ def test_optimizer_state_that_cannot_be_read_needs_weights_only(shards, tmp_path
     train(shards, tmp_path / "zero3", "parallel.zero_stage=3", "checkpoint.interval=5", steps=5)
     refused = reshard(tmp_path / "zero3", tmp_path / "out", "--tp", "1", "--pp", "1")
     assert refused.returncode == 2 and "Fix: pass --weights-only" in refused.stderr, refused.stderr[-2000:]
+    mixed = reshard(tmp_path / "zero3", tmp_path / "out", "--tp", "1", "--pp", "1", "--weights-only",
+                    "--set", "parallel.zero_stage=0", "--set", "train.precision=bf16")
+    assert mixed.returncode == 2 and "Fix: --set parallel.zero_stage=1" in mixed.stderr, mixed.stderr[-2000:]
     made = reshard(tmp_path / "zero3", tmp_path / "out", "--tp", "1", "--pp", "1", "--weights-only",
                    "--set", "parallel.zero_stage=0", "--set", "train.steps=6")
     assert made.returncode == 0, made.stderr[-2000:]
+    exported = megamem("export", str(tmp_path / "out"), "--output", str(tmp_path / "out.safetensors"))
+    assert exported.returncode == 0, exported.stderr[-2000:]            # a resharded checkpoint reads like any
     resumed = megamem("train", str(tmp_path / "out" / "config.yaml"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Adam's moments start from zero" in resumed.stdout and sorted(losses(tmp_path / "out")) == [6]

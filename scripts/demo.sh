@@ -2,7 +2,8 @@
 # The main job on a fresh machine: set up, turn the Python standard library's own
 # sources into byte-level shards, train configs/cpu-smoke.yaml on CPU for a few
 # minutes, and show the validation loss before and after; then the same model
-# split over two processes (tensor parallelism) for 20 steps, against one process.
+# split over two processes (tensor parallelism, pipeline stages) for 20 steps,
+# against one process, and a run re-cut for another layout (megamem reshard).
 #   DATA=data/stdlib RUN=runs/cpu-smoke bash scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

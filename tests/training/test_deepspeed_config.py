@@ -20,3 +20,15 @@ def test_raw_overrides_merge_into_the_generated_json():
                          ["deepspeed={zero_optimization: {reduce_bucket_size: 1000}, wall_clock_breakdown: true}"])
     ds = deepspeed_config(config, dp_size=1)
     assert ds["zero_optimization"] == {"stage": 0, "reduce_bucket_size": 1000} and ds["wall_clock_breakdown"] is True
+
+
+def test_pipelines_send_whole_tensors_and_accumulate_bf16_in_fp32():
+    """Split tensors between stages would mix tensor-parallel ranks' positions; bf16 sums of micro-batch gradients
+    would lose the small ones."""
+    bf16 = load_config([CONFIGS / "memoryformer-tiny.yaml"], ["parallel.pp=2", "parallel.zero_stage=1"])
+    ds = deepspeed_config(bf16, dp_size=4)
+    assert ds["pipeline"] == {"pipe_partitioned": False, "grad_partitioned": False}
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    fp32 = load_config([CONFIGS / "cpu-smoke.yaml"], ["parallel.pp=2"])
+    assert "data_types" not in deepspeed_config(fp32, dp_size=1)
+    assert "pipeline" not in deepspeed_config(load_config([CONFIGS / "cpu-smoke.yaml"]), dp_size=1)

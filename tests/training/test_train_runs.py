@@ -182,6 +182,16 @@ def test_pipeline_runs_match_one_process(shards, tmp_path):
     for layer, stats in last["memoryformer"]["buckets"].items():        # every stage's layers, under plain names
         assert last["tp2-pp2"]["buckets"][layer] == pytest.approx(stats, rel=1e-3), layer
 
+    # export joins stages' layer files (and ZeRO 1's fp32 partitions) into the one-process model, within about one
+    # Adam step (the LR, 3e-3) for the rows a rounding difference sent elsewhere, as in the tensor-parallel test
+    one, _ = load_exported_from(tmp_path / "memoryformer")
+    reference = dict(one.named_parameters())
+    for name in ("tp2-pp2", "pp2-dp2-zero1"):
+        model, config = load_exported_from(tmp_path / name)
+        assert config.parallel.pp == 1 and sorted(dict(model.named_parameters())) == sorted(reference)
+        for param_name, param in model.named_parameters():
+            torch.testing.assert_close(param, reference[param_name], rtol=0, atol=3e-3, msg=f"{name} {param_name}")
+
 
 def load_exported_from(run_dir):
     target = run_dir / "model.safetensors"

@@ -24,10 +24,8 @@ import dataclasses
 from megamem.config.schema import Config
 from megamem.config.validate import padded_vocab_size
 from megamem.model.build import build_model
-from megamem.parallel.mappings import TensorParallelGroup
-from megamem.parallel.parallelize import parallelize
+from megamem.parallel.parallelize import parallelize_as_rank
 from megamem.parallel.pipeline_layout import blocks_per_stage, stage_of_block
-from megamem.parallel.state import ParallelState
 
 GIB = 1024**3
 
@@ -49,8 +47,7 @@ def _stage_params(config: Config, tp: int, pp: int) -> tuple[list[StageParams], 
     whole = {"table_params": 0, "other_params": 0}
     for name, param in model.named_parameters():          # before splitting it
         whole["table_params" if name.endswith(".tables") else "other_params"] += param.numel()
-    state = ParallelState(tp, pp, 1, 0, tensor_parallel=TensorParallelGroup(None, tp, 0))
-    parallelize(model, config, state)
+    parallelize_as_rank(model, config, 0)
     counts = blocks_per_stage(len(model.blocks), pp)
     stages = [StageParams(blocks=n) for n in counts]
     for name, param in model.named_parameters(remove_duplicate=False):

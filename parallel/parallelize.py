@@ -20,12 +20,20 @@ from megamem.config.schema import Config
 from megamem.model.blocks import MemoryFormerBlock
 from megamem.model.language_model import LanguageModel, lm_loss
 from megamem.parallel.dense_tp import ParallelResidualDenseBlock
+from megamem.parallel.mappings import TensorParallelGroup
 from megamem.parallel.memoryformer_tp import ColumnParallelMemoryFormerBlock, TableParallelMemoryFormerBlock
 from megamem.parallel.norms import TokenNorm
 from megamem.parallel.state import ParallelState
 from megamem.parallel.vocab_parallel import VocabParallelEmbedding, VocabParallelHead, vocab_parallel_loss
 
 MEMORYFORMER_LAYOUTS = {"column": ColumnParallelMemoryFormerBlock, "table": TableParallelMemoryFormerBlock}
+
+
+def parallelize_as_rank(model: LanguageModel, config: Config, tp_rank: int) -> None:
+    """Give a meta model the shapes tensor-parallel rank `tp_rank` of `config.parallel.tp` holds, without process
+    groups: what megamem plan counts and what a checkpoint reader rebuilds a saved rank's parameter order from."""
+    tp, pp = config.parallel.tp, config.parallel.pp
+    parallelize(model, config, ParallelState(tp, pp, 1, 0, tensor_parallel=TensorParallelGroup(None, tp, tp_rank)))
 
 
 def parallelize(model: LanguageModel, config: Config, state: ParallelState):

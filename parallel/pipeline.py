@@ -31,7 +31,7 @@ from megamem.config.schema import Config
 from megamem.errors import MegamemError
 from megamem.model.init import materialize
 from megamem.model.language_model import LanguageModel
-from megamem.parallel.pipeline_layout import layer_names, plain_name, stage_bounds
+from megamem.parallel.pipeline_layout import layer_names, pipeline_layers, plain_name, stage_bounds
 from megamem.parallel.state import ParallelState
 
 BLOCK_TYPE = {"memoryformer": "MemoryFormerBlock", "dense": "DenseBlock"}
@@ -53,7 +53,7 @@ def pipeline_module(model: LanguageModel, config: Config, state: ParallelState, 
     if config.model.tie_embeddings:
         raise ValueError("a tied embedding and head cannot be pipelined (config validation refuses it)")
     n = len(model.blocks)
-    layers = [model.embed, *model.blocks, model.final_norm, model.head]
+    layers = pipeline_layers(model)
     bounds = stage_bounds(n, state.pp)
     deepspeed_split = [int(b) for b in partition_balanced([0, *[1] * n, 0, 0], state.pp)]
     if deepspeed_split != bounds:

@@ -25,6 +25,11 @@ def stage_of_block(index: int, counts: list[int]) -> int:
 
 
 
+def pipeline_layers(model) -> list:
+    """A built model's parts in pipeline order: the embedding, the blocks, the final norm, the head."""
+    return [model.embed, *model.blocks, model.final_norm, model.head]
+
+
 def layer_names(num_layers: int) -> list[str]:
     """The plain model's name of each pipeline layer, by index: the embedding, the blocks, the final norm, the head."""
     return ["embed", *(f"blocks.{i}" for i in range(num_layers)), "final_norm", "head"]

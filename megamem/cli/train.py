@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -95,10 +96,8 @@ def _launch(args: argparse.Namespace, config) -> int:
             return
         ranks = [p for p in tree if _cmdline_has(p, entry.__file__)]
         for process in ranks or [*tree, psutil.Process(child.pid)]:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):     # a rank that has just exited needs no signal
                 process.send_signal(signum)
-            except psutil.NoSuchProcess:
-                pass
 
     previous = signal.signal(signal.SIGTERM, forward)
     try:

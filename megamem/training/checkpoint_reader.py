@@ -224,17 +224,15 @@ def _source_module(config: Config, tp: int, tp_rank: int, pp: int, stage: int) -
     import dataclasses
 
     from megamem.model import build_model
-    from megamem.parallel.mappings import TensorParallelGroup
-    from megamem.parallel.parallelize import parallelize
-    from megamem.parallel.pipeline_layout import stage_bounds
-    from megamem.parallel.state import ParallelState
+    from megamem.parallel.parallelize import parallelize_as_rank
+    from megamem.parallel.pipeline_layout import pipeline_layers, stage_bounds
 
     config = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, tp=tp, pp=pp))
     model = build_model(config, device="meta")
-    parallelize(model, config, ParallelState(tp, pp, 1, 0, tensor_parallel=TensorParallelGroup(None, tp, tp_rank)))
+    parallelize_as_rank(model, config, tp_rank)
     if pp == 1:
         return model, _renamer(len(model.blocks), pp)
-    layers = [model.embed, *model.blocks, model.final_norm, model.head]
+    layers = pipeline_layers(model)
     bounds = stage_bounds(len(model.blocks), pp)
     return nn.ModuleDict({str(i): layers[i] for i in range(bounds[stage], bounds[stage + 1])}), \
         _renamer(len(model.blocks), pp)

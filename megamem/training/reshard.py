@@ -41,7 +41,7 @@ WEIGHTS, OPTIMIZER = "weights.safetensors", "optimizer.safetensors"
 def reshard(source: Path, config: Config, target: Config, output: Path, weights_only: bool) -> Path:
     """Write `output` (a run directory for `target`, a config of the source run with another layout) from the
     checkpoint `source` of the run `config` describes; return the checkpoint written."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from megamem.config import save_config
     from megamem.data_tools.shards import atomic_write
@@ -62,21 +62,15 @@ def reshard(source: Path, config: Config, target: Config, output: Path, weights_
     tag.mkdir(parents=True)
     save_config(dataclasses.replace(target, run=dataclasses.replace(target.run, dir=str(output))),
                 output / "config.yaml")
-    _save(save_file, {name: tensor.float().contiguous() for name, tensor in state.weights.items()}, tag / WEIGHTS)
+    atomic_write(tag / WEIGHTS, save({name: tensor.float().contiguous() for name, tensor in state.weights.items()}))
     if state.optimizer is not None:
-        _save(save_file, {f"{kind}.{name}": tensor.float().contiguous()
-                          for kind in MOMENTS for name, tensor in state.optimizer[kind].items()}, tag / OPTIMIZER)
+        atomic_write(tag / OPTIMIZER, save({f"{kind}.{name}": tensor.float().contiguous()
+                                            for kind in MOMENTS for name, tensor in state.optimizer[kind].items()}))
     marker = {"step": step, "format": FORMAT, "loader": state.marker["loader"],
               "optimizer": state.optimizer is not None, "optimizer_steps": state.optimizer_steps,
               "source": {"checkpoint": str(source), "layout": state.marker.get("layout")}}
     atomic_write(tag / MARKER, json.dumps(marker).encode())
     return tag
-
-
-def _save(save_file, tensors: dict, path: Path) -> None:
-    partial = path.with_suffix(".partial")
-    save_file(tensors, str(partial))
-    partial.replace(path)
 
 
 def is_universal(marker: dict) -> bool:

@@ -25,6 +25,7 @@ uninterrupted run would have.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 from dataclasses import dataclass
 from itertools import count
@@ -36,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megamem.data_tools.shards import Manifest, load_manifest, read_shard
 from megamem.errors import DataError
+from megamem.stop_signals import ignore_stop_signals, stop_signals_held
 
 BLEND_BLOCK = 4096
 
@@ -197,6 +199,7 @@ class TrainLoader:
         self.fingerprint = self._fingerprint(dp_size)
         self.batches = 0
         self._iterator = None
+        self._closes_at_exit = False
 
     def __iter__(self):
         return self
@@ -204,14 +207,27 @@ class TrainLoader:
     def __next__(self) -> torch.Tensor:
         if self._iterator is None:
             dataset = TokenBatches(*self.args, start_batch=self.batches)
-            self._iterator = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                             prefetch_factor=4 if self.num_workers else None))
+            with stop_signals_held():       # workers fork here, and must never die of the rank's stop signal
+                self._iterator = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                                 prefetch_factor=4 if self.num_workers else None,
+                                                 worker_init_fn=ignore_stop_signals))
+            if self.num_workers and not self._closes_at_exit:
+                atexit.register(self.close)         # runs before multiprocessing's own exit handler, see close()
+                self._closes_at_exit = True
         try:
             batch = next(self._iterator)
         except DataError as err:     # from a worker, its message carries the worker's traceback: keep the last line
             raise DataError(str(err).strip().splitlines()[-1].removeprefix("megamem.errors.DataError: ")) from None
         self.batches += 1
         return batch
+
+    def close(self) -> None:
+        """Stop the workers. They ignore SIGTERM, which is how multiprocessing's exit handler ends them before it
+        waits for them: left running, they would hold the exit forever. So close() also runs at exit, registered
+        after (hence run before) that handler."""
+        if self._iterator is not None and hasattr(self._iterator, "_shutdown_workers"):
+            self._iterator._shutdown_workers()
+        self._iterator = None
 
     def state_dict(self) -> dict:
         return {"batches": self.batches, "fingerprint": self.fingerprint}
@@ -236,7 +252,7 @@ class TrainLoader:
                             "data-parallel layout; resuming would repeat or skip samples. Fix: resume with the same "
                             "data and layout, or start a new run")
         self.batches = state["batches"]
-        self._iterator = None
+        self.close()
 
 
 def valid_batches(manifests: list[Manifest], batch_size: int, dp_rank: int, dp_size: int, total_batches: int):

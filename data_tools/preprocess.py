@@ -19,6 +19,7 @@ import hashlib
 import json
 import multiprocessing
 import resource
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -28,8 +29,9 @@ import numpy as np
 
 from megamem.data_tools.inputs import Counts, Piece, expand_inputs, read_pieces
 from megamem.data_tools.progress import Progress
-from megamem.data_tools.shards import MANIFEST, ShardInfo, atomic_write, shard_name, write_manifest, write_shard
+from megamem.data_tools.shards import MANIFEST, ShardInfo, shard_name, write_manifest, write_shard
 from megamem.data_tools.tokenizer import describe, load_tokenizer, token_dtype
+from megamem.durable import atomic_write
 from megamem.errors import DataError
 
 STATE = ".preprocess-state.json"
@@ -214,14 +216,18 @@ def preprocess(args: PreprocessArgs, progress: Progress | None = None) -> Summar
 
     counts = summary.counts
     progress = progress or Progress(total_bytes=sum(f.stat().st_size for f in files))
+    invalid_utf8_files: list[Path] = []
 
     def pieces() -> Iterator[Piece]:
         document = -1
         for path in files:
+            invalid_before = counts.invalid_utf8_documents
             for piece in read_pieces(path, args.json_key, args.on_error, counts):
                 document += piece.first
                 if document >= skip:
                     yield piece
+            if counts.invalid_utf8_documents > invalid_before:
+                invalid_utf8_files.append(path)
 
     document = skip - 1
     wrote = False
@@ -243,13 +249,18 @@ def preprocess(args: PreprocessArgs, progress: Progress | None = None) -> Summar
 
     train.finish()
     valid.finish()
+    progress.close(counts.bytes_read, counts.documents, summary.tokens)
     summary.train_samples, summary.valid_samples = train.samples_written, valid.samples_written
     summary.train_shards, summary.valid_shards = len(train.shards), len(valid.shards)
     summary.dropped_tokens = train.dropped_tokens + valid.dropped_tokens
+    _check_not_empty(summary, args)
+    if invalid_utf8_files:
+        print(f"warning: {counts.invalid_utf8_documents} documents are not valid UTF-8 (files: "
+              f"{len(invalid_utf8_files)}, the first: {invalid_utf8_files[0]}); their bad bytes became U+FFFD. "
+              "Re-encode those files as UTF-8 if that loses text", file=sys.stderr)
     write_manifest(out, _manifest(args, files, tokenizer, dtype, train, valid, summary, fingerprint))
     (out / STATE).unlink(missing_ok=True)
     _remove_pending(out, keep=set())
-    progress.close(counts.bytes_read, counts.documents, summary.tokens)
     summary.seconds = time.monotonic() - started
     summary.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     summary.workers_peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -267,6 +278,19 @@ def _check_args(args: PreprocessArgs) -> None:
         raise DataError(f"--shard-size-mb must be positive, got {args.shard_size_mb}")
     if args.on_error not in ("skip", "fail"):
         raise DataError(f"--on-error must be skip or fail, got {args.on_error}")
+
+
+def _check_not_empty(summary: Summary, args: PreprocessArgs) -> None:
+    """Refuse a corpus that gives no training sample (no text, every line skipped, or too few tokens) before its
+    manifest is written: training on it could only fail later, further from the cause."""
+    if summary.train_samples:
+        return
+    c = summary.counts
+    raise DataError(f"the inputs give no training sample of {args.seq_len + 1} tokens ({c.files} files, "
+                    f"{c.documents - c.empty_documents} non-empty documents, {summary.tokens} tokens; "
+                    f"{c.malformed_lines + c.missing_key_lines} jsonl lines and {c.binary_files} binary files skipped; "
+                    f"{summary.valid_documents} documents went to validation). "
+                    "Fix: add text, check --input and --json-key, or lower --seq-len")
 
 
 def _previous_state(out: Path, fingerprint: str) -> dict | None:

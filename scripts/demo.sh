@@ -3,7 +3,8 @@
 # sources into byte-level shards, train configs/cpu-smoke.yaml on CPU for a few
 # minutes, and show the validation loss before and after; then the same model
 # split over two processes (tensor parallelism, pipeline stages) for 20 steps,
-# against one process, and a run re-cut for another layout (megamem reshard).
+# against one process, a run re-cut for another layout (megamem reshard), and a
+# run preempted by SIGTERM to its whole process group that resumes exactly.
 #   DATA=data/stdlib RUN=runs/cpu-smoke bash scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,4 +61,31 @@ python - "$run-resharded" <<'PY'
 import json, sys
 print("  ".join(f"step {r['step']}: {r['loss']:.4f}" for r in map(json.loads, open(f"{sys.argv[1]}/metrics.jsonl"))
                 if "loss" in r))
+PY
+echo
+echo "preemption: SIGTERM to the whole process group (DataLoader workers too) after step 10, then --resume auto"
+if [ ! -f "$run-preempted/checkpoints/step-00000020/megamem.json" ]; then
+  rm -rf "$run-preempted"
+  OMP_NUM_THREADS=1 python - "$run-preempted" "${short[@]}" <<'PY'
+import json, os, signal, subprocess, sys, time
+run, args = sys.argv[1], sys.argv[2:]
+command = ["megamem", "train", *args, "--set", f"run.dir={run}", "--set", "data.num_workers=2"]
+job = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+metrics = f"{run}/metrics.jsonl"
+while job.poll() is None and not (os.path.exists(metrics) and '"step": 10,' in open(metrics).read()):
+    time.sleep(0.05)
+os.killpg(job.pid, signal.SIGTERM)
+output = job.communicate()[0]
+print("".join(f"  {line}\n" for line in output.splitlines() if "stopping at step" in line).rstrip()
+      + f"\n  exit status {job.returncode}")
+resumed = subprocess.run(command, capture_output=True, text=True)
+print("".join(f"  {line}\n" for line in resumed.stdout.splitlines() if "resumed from" in line).rstrip())
+PY
+fi
+python - "$run-tp1" "$run-preempted" <<'PY'
+import json, sys
+straight, resumed = ({r["step"]: r["loss"] for r in map(json.loads, open(f"{run}/metrics.jsonl")) if "loss" in r}
+                     for run in sys.argv[1:])
+print("  ".join(f"step {step}: {resumed[step]:.6f} (uninterrupted {straight[step]:.6f})"
+                for step in sorted(resumed) if step > 10))
 PY

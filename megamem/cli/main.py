@@ -2,11 +2,13 @@
 
 Every subcommand module exposes `register(subparsers)`; its handler returns an
 exit status. A user's mistake (a MegamemError: bad config, missing file, corrupt
-shard) is printed as one line and exits 2; anything else is a bug and keeps its traceback.
+shard) is printed as one line and exits 2 (with its traceback too under --debug);
+anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megamem.cli import export, flops, plan, preprocess, reshard, train, train_tokenizer
@@ -30,6 +32,7 @@ Run `megamem COMMAND --help` for each command's options."""
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megamem", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error too (and in every rank)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
         command.register(subparsers)
@@ -39,9 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     prefer_huge_pages()
     args = build_parser().parse_args(argv)
+    if args.debug:
+        os.environ["MEGAMEM_DEBUG"] = "1"           # training ranks started by megamem train inherit it
     try:
         return args.handler(args)
     except MegamemError as err:
+        if args.debug:
+            raise
         print(f"megamem {args.command}: error: {err}", file=sys.stderr)
         return 2
 

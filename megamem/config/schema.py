@@ -118,12 +118,26 @@ class TrainConfig:
     activation_checkpointing: bool = False
     eval_interval: int = 100
     eval_steps: int = 10          # validation micro-batches in all, shared out over data-parallel ranks
+    # How long a rank waits in a collective (all-reduce, barrier, ...) for a peer that died or stalled before it
+    # fails, so that the job ends instead of hanging (torch's default is 30 minutes for gloo, 10 for NCCL).
+    collective_timeout_s: float = 600.0
+    # A step whose gradients are not finite is skipped (DeepSpeed's overflow skip, also without fp16); this many
+    # in a row stop the run, which has diverged.
+    max_consecutive_skips: int = 20
+    # 0: off. A factor f > 1: a step whose loss exceeds f x the mean of the previous steps' (up to 20, once 10 are
+    # known) reloads the newest checkpoint's weights and optimizer state and goes on with the next batches, so the
+    # batches since that checkpoint, the spike's among them, are skipped.
+    spike_rollback: float = 0.0
 
 
 @dataclass
 class CheckpointConfig:
+    """`on_write_error`: when a checkpoint cannot be written (a full disk), `continue` training and try again at the
+    next interval, or `stop` the run (non-zero exit). The final and the preemption checkpoint always stop on it."""
+
     interval: int = 1000
     keep: int = 3
+    on_write_error: Literal["continue", "stop"] = "continue"
 
 
 @dataclass

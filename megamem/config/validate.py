@@ -190,6 +190,12 @@ class _Checker:
                        "optimizer.table_lr_multiplier"),
                       "eps and table_lr_multiplier must be positive, weight_decay and grad_clip non-negative",
                       "see configs/memoryformer-tiny.yaml")
+        if t.collective_timeout_s <= 0 or t.max_consecutive_skips <= 0:
+            self.fail(("train.collective_timeout_s", "train.max_consecutive_skips"), "must be positive",
+                      "train.collective_timeout_s=600, train.max_consecutive_skips=20")
+        if t.spike_rollback != 0 and t.spike_rollback <= 1:
+            self.fail("train.spike_rollback", "a spike is a loss above this factor times the recent mean, so it must "
+                      "be above 1 (or 0: off)", "use train.spike_rollback=3.0, or 0 to turn it off")
         if c.interval <= 0 or c.keep <= 0:
             self.fail(("checkpoint.interval", "checkpoint.keep"), "must be positive",
                       "checkpoint.interval=1000, checkpoint.keep=3")

@@ -31,7 +31,7 @@ from torch import nn
 
 from megamem.config.schema import Config
 from megamem.errors import MegamemError
-from megamem.training.checkpoint import MARKER
+from megamem.training.checkpoint import MARKER, verify_checkpoint
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -49,6 +49,10 @@ def read_checkpoint(checkpoint: Path, config: Config, with_optimizer: bool = Tru
         raise MegamemError(f"{checkpoint} is not a complete megamem checkpoint (no {MARKER}). Fix: pass a "
                            f"directory like RUN/checkpoints/step-00001000 written by megamem train")
     marker = json.loads((checkpoint / MARKER).read_text())
+    problems = verify_checkpoint(checkpoint, marker)
+    if problems:
+        raise MegamemError(f"checkpoint {checkpoint} is damaged: {'; '.join(problems)}. Fix: use an earlier "
+                           f"checkpoint of the run")
     if marker.get("format") == "universal":
         return _read_universal(checkpoint, marker, with_optimizer)
     layout = marker.get("layout", {})
@@ -104,7 +108,13 @@ def join_tensor_parallel(shards: list[dict[str, torch.Tensor]], partitions: dict
 
 
 def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Tensors and plain data only (no pickled code), plus the few DeepSpeed records its files hold."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _model_file(checkpoint: Path, mp_rank: int) -> Path:

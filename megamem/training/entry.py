@@ -4,12 +4,18 @@
 (`--nproc N`); clusters start it with `deepspeed launchers/pretrain.py` or
 `torchrun launchers/pretrain.py`. Build order: distributed init, layout checks,
 model, data, optimizer and DeepSpeed engine, monitoring, resume, loop.
+
+A rank that loses its peers (one died, or stalled past train.collective_timeout_s)
+says so in one line and exits 3 at once: its collectives cannot complete, and
+the launcher (megamem train's supervisor, srun --kill-on-bad-exit, DeepSpeed's
+launcher) ends the rest of the job.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
-import signal
+import re
 import sys
 from pathlib import Path
 
@@ -48,6 +54,45 @@ def check_layout(config, world_size: int) -> int:
     return validate_world(config, world_size)
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """An unwritable run.dir fails here, before training, not at the first checkpoint hours later."""
+    from megamem.errors import MegamemError
+
+    probe = run_dir / "checkpoints" / f".write-test-{os.getpid()}"
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise MegamemError(f"run.dir={run_dir} is not writable ({err.strerror or err}: {err.filename or probe}). "
+                           f"Fix: set run.dir to a directory this user can write, or fix its permissions") from None
+
+
+def bound_collectives(seconds: float) -> datetime.timedelta:
+    """Make train.collective_timeout_s the timeout of every process group, the ones DeepSpeed creates included
+    (torch gives a group created without one its backend's default, 30 minutes for gloo)."""
+    from torch.distributed import distributed_c10d
+
+    timeout = datetime.timedelta(seconds=seconds)
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
+    return timeout
+
+
+def lost_peers(err: BaseException) -> bool:
+    """A collective that failed because another rank died or stalled: gloo and NCCL say so in their own words."""
+    import torch.distributed as dist
+
+    text = str(err)
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and (
+        "gloo/transport" in text or "Connection closed by peer" in text or "NCCL" in text))
+
+
+def _first_words(err: BaseException) -> str:
+    """gloo's message without its source location and advice: `Read error [10.0.0.7]:41234: Connection reset`."""
+    text = re.sub(r"^\[[^\]]*\] ", "", str(err).strip().splitlines()[0])
+    return text.split(". This is typically")[0]
+
+
 def unlink_shared_memory_buffers(rank: int) -> None:
     """Let DeepSpeed's CPU all-reduce buffers go when the run ends, however it ends.
 
@@ -74,6 +119,9 @@ def open_training_data(config):
 
 
 def run_training(config, resume: str) -> None:
+    from megamem.stop_signals import StopRequest
+
+    stop = StopRequest().install()              # from here on a stop signal ends the run with a checkpoint
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -100,11 +148,14 @@ def run_training(config, resume: str) -> None:
     from megamem.training.trainer import Trainer
 
     spec, manifests = open_training_data(config)
+    run_dir = Path(config.run.dir)
+    check_run_dir(run_dir)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
+                               timeout=bound_collectives(config.train.collective_timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     if not cuda:
         unlink_shared_memory_buffers(rank)
@@ -113,7 +164,6 @@ def run_training(config, resume: str) -> None:
     state = ParallelState.for_world(par.tp, par.pp, world, rank)
     state.build_groups()
 
-    run_dir = Path(config.run.dir)
     resume_from = find_resume(run_dir, resume)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -134,7 +184,8 @@ def run_training(config, resume: str) -> None:
     else:
         materialize(model, device, config.run.seed)
         mpu = DeepSpeedMPU(state)
-    optimizer = build_optimizer(model, config.optimizer)
+    steps_itself = par.zero_stage == 0 and config.train.precision == "fp32"
+    optimizer = build_optimizer(model, config.optimizer, steps_itself)
     scheduler = build_scheduler(optimizer, config.train.steps, config.schedule, config.optimizer.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(config, dp), mpu=mpu)
@@ -144,10 +195,7 @@ def run_training(config, resume: str) -> None:
     logger = MetricsLogger(run_dir, rank == 0, config.logging.tensorboard, config.train.steps)
     stats = BucketStats(engine.module, model.plain_name if state.pp > 1 else None)
     trainer = Trainer(config, state, engine, loss_fn, loader, manifests, logger, stats, flops_per_token, device,
-                      sharded)
-    if resume_from is not None:
-        trainer.load(resume_from)
-    signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
+                      sharded, stop)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if par.tp > 1 and local % par.tp:
         logger.message(f"megamem: warning: parallel.tp={par.tp} does not divide the {local} ranks per node, so "
@@ -158,8 +206,13 @@ def run_training(config, resume: str) -> None:
     logger.message(f"megamem: training {config.model.arch} on {world} rank(s) ({layout}, ZeRO {par.zero_stage}, "
                    f"{config.train.precision}) into {run_dir}; watch with: "
                    f"tensorboard --logdir {run_dir / 'tensorboard'}")
-    trainer.fit()
-    logger.close()
+    try:
+        if resume_from is not None:
+            trainer.load(resume_from)
+        trainer.fit()
+    finally:
+        loader.close()
+        logger.close()
     dist.barrier()
     dist.destroy_process_group()
 
@@ -171,13 +224,24 @@ def main(argv: list[str] | None = None) -> int:
 
     prefer_huge_pages()
     args = parse_args(argv)
+    rank = os.environ.get("RANK", "0")
     try:
         config = load_config(args.config, args.overrides)
         single_process_env()
         run_training(config, args.resume)
     except MegamemError as err:
-        print(f"megamem train: error: {err}", file=sys.stderr)
+        if os.environ.get("MEGAMEM_DEBUG"):
+            raise
+        print(f"megamem train: error: rank {rank}: {err}", file=sys.stderr, flush=True)
         return 2
+    except Exception as err:
+        if not lost_peers(err) or os.environ.get("MEGAMEM_DEBUG"):
+            raise
+        print(f"megamem train: error: rank {rank} lost contact with the other ranks ({_first_words(err)}): "
+              f"one died, or stalled for longer than train.collective_timeout_s. This rank stops; relaunch with "
+              f"--resume auto once the cause is fixed", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(3)                 # a normal exit would wait on, or abort in, the failed communicator's threads
     return 0
 
 

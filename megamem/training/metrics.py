@@ -7,11 +7,14 @@ in TensorBoard under `group/name` tags (train/loss, perf/tokens_per_sec, ...).
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from megamem.durable import atomic_write
 
 TAGS = {
     "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "loss_scale": "train/loss_scale",
@@ -20,6 +23,7 @@ TAGS = {
     "data_ms": "time/data_ms", "forward_ms": "time/forward_ms", "backward_ms": "time/backward_ms",
     "optimizer_ms": "time/optimizer_ms", "step_ms": "time/step_ms",
     "memory_gb": "memory/max_allocated_gb" if torch.cuda.is_available() else "memory/rss_gb",
+    "skipped": "train/skipped", "skipped_steps": "train/skipped_steps",
     "valid_loss": "valid/loss", "valid_perplexity": "valid/perplexity",
     "tp_forward_bytes_per_token": "comm/tp_forward_bytes_per_token",
     "tp_backward_bytes_per_token": "comm/tp_backward_bytes_per_token",
@@ -35,11 +39,27 @@ class MetricsLogger:
         self.writer = None
         if not enabled:
             return
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.path, self.tensorboard_dir = run_dir / "metrics.jsonl", run_dir / "tensorboard"
+        self.jsonl = open(self.path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            self.writer = SummaryWriter(str(self.tensorboard_dir))
+
+    def rewind(self, step: int) -> None:
+        """A resumed run logs the steps after its checkpoint again: drop what the stopped or crashed run logged
+        past `step` (and a line a crash cut short), so that metrics.jsonl and TensorBoard hold each step once."""
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
+        atomic_write(self.path, "".join(line + "\n" for line in kept).encode())
+        self.jsonl = open(self.path, "a", buffering=1)
+        if self.writer:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer.close()
+            self.writer = SummaryWriter(str(self.tensorboard_dir), purge_step=step + 1)
 
     def log(self, step: int, scalars: dict[str, float], buckets: dict[str, dict[str, float]] | None = None) -> None:
         if not self.enabled:
@@ -93,3 +113,10 @@ class MetricsLogger:
             self.jsonl.close()
             if self.writer:
                 self.writer.close()
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf

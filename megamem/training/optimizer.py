@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from megamem.config.schema import OptimizerConfig, ScheduleConfig
@@ -43,8 +44,26 @@ def parameter_group_names(model: nn.Module, cfg: OptimizerConfig) -> list[list[s
     return [[names[id(param)] for param in group["params"]] for group in parameter_groups(model, cfg)]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+class SkippingAdamW(torch.optim.AdamW):
+    """torch's AdamW, except that a step whose gradients are not finite on some rank is skipped, as DeepSpeed's
+    ZeRO and bf16 optimizers skip one: `overflow` is the flag DeepSpeed's engine reads to count the step as skipped
+    and hold the LR schedule. This is the optimizer that steps where neither is in use (fp32 without ZeRO)."""
+
+    overflow = False
+
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all().float() if grads else torch.ones(())
+        if dist.is_initialized():           # every rank skips together, or its replicas drift apart
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        self.overflow = not bool(finite.item())
+        return None if self.overflow else super().step(closure)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, steps_itself: bool = False) -> torch.optim.Optimizer:
+    """`steps_itself`: no DeepSpeed optimizer wraps this one (fp32 without ZeRO), so it must skip non-finite steps."""
+    kind = SkippingAdamW if steps_itself else torch.optim.AdamW
+    return kind(parameter_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def lr_factor(step: int, total_steps: int, schedule: ScheduleConfig, lr: float) -> float:
@@ -61,3 +80,12 @@ def lr_factor(step: int, total_steps: int, schedule: ScheduleConfig, lr: float) 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, schedule: ScheduleConfig, lr: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, schedule, lr))
+
+
+def schedule_at(scheduler, groups: list[dict], step: int) -> None:
+    """Set the LR schedule `step` steps in, from this run's config: after a resharded checkpoint (so --set
+    optimizer.lr=... at reshard applies) or a rollback (which keeps the step count and the schedule goes on)."""
+    scheduler.last_epoch, scheduler._step_count = step, step + 1
+    for group, base_lr, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base_lr * factor(step)
+    scheduler._last_lr = [group["lr"] for group in groups]

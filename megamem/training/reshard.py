@@ -33,6 +33,7 @@ from megamem.config.schema import Config
 from megamem.errors import MegamemError
 from megamem.training.checkpoint import MARKER, checkpoint_dir, complete_checkpoints, tag_for
 from megamem.training.checkpoint_reader import MOMENTS, read_checkpoint
+from megamem.training.optimizer import schedule_at
 
 FORMAT = "universal"
 WEIGHTS, OPTIMIZER = "weights.safetensors", "optimizer.safetensors"
@@ -44,7 +45,7 @@ def reshard(source: Path, config: Config, target: Config, output: Path, weights_
     from safetensors.torch import save
 
     from megamem.config import save_config
-    from megamem.data_tools.shards import atomic_write
+    from megamem.durable import atomic_write, fsync_and_digest
 
     check_target(target)
     if complete_checkpoints(output):
@@ -66,8 +67,10 @@ def reshard(source: Path, config: Config, target: Config, output: Path, weights_
     if state.optimizer is not None:
         atomic_write(tag / OPTIMIZER, save({f"{kind}.{name}": tensor.float().contiguous()
                                             for kind in MOMENTS for name, tensor in state.optimizer[kind].items()}))
+    files = {name: fsync_and_digest(tag / name) for name in (WEIGHTS, OPTIMIZER) if (tag / name).is_file()}
     marker = {"step": step, "format": FORMAT, "loader": state.marker["loader"],
               "optimizer": state.optimizer is not None, "optimizer_steps": state.optimizer_steps,
+              "model": dataclasses.asdict(target.model), "files": files,
               "source": {"checkpoint": str(source), "layout": state.marker.get("layout")}}
     atomic_write(tag / MARKER, json.dumps(marker).encode())
     return tag
@@ -124,17 +127,9 @@ def load_universal(engine, path: Path, marker: dict, rename, dp_size: int) -> No
         for state in base.state.values():
             if "step" in state:
                 state["step"] = torch.full_like(state["step"], steps) if torch.is_tensor(state["step"]) else steps
-    _schedule_at(engine.lr_scheduler, engine.optimizer.param_groups, marker["step"])
+    schedule_at(engine.lr_scheduler, engine.optimizer.param_groups, marker["step"])
     engine.global_steps = marker["step"]
     engine.global_samples = marker["step"] * engine.train_batch_size()
-
-
-def _schedule_at(scheduler, groups: list[dict], step: int) -> None:
-    """The LR schedule `step` steps in, from this run's config (so --set optimizer.lr=... at reshard applies)."""
-    scheduler.last_epoch, scheduler._step_count = step, step + 1
-    for group, base_lr, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
-        group["lr"] = base_lr * factor(step)
-    scheduler._last_lr = [group["lr"] for group in groups]
 
 
 def _create_adam_state(base, zero3_partitions: list) -> None:

@@ -3,11 +3,14 @@
 The trainer owns the step counter and the data position; both go into every
 checkpoint, so a resumed run continues with exactly the batches and learning
 rates an uninterrupted run would have seen. Stopping is agreed by all ranks
-each step (a one-element all-reduce), so a SIGTERM on any rank, e.g. SLURM
-preempting the job, leads every rank to the same final checkpoint.
+each step (a one-element all-reduce), so a stop signal on any rank, e.g. SLURM
+preempting the job, leads every rank to the same final checkpoint. A step
+whose gradients are not finite is skipped by the optimizer (and counted); a
+run of them stops training, which has diverged.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,13 +23,26 @@ import torch.distributed as dist
 from megamem.config.schema import Config
 from megamem.data_tools.loader import TrainLoader, valid_batches
 from megamem.errors import MegamemError
+from megamem.faults import spoiled_loss
 from megamem.parallel.grad_norm import grad_norm
 from megamem.parallel.replica_checks import assert_same_batch
 from megamem.parallel.state import ParallelState
+from megamem.stop_signals import StopRequest
 from megamem.training.bucket_stats import BucketStats
-from megamem.training.checkpoint import MARKER, load_checkpoint, save_checkpoint
+from megamem.training.checkpoint import (
+    MARKER,
+    CheckpointNotSaved,
+    check_files,
+    check_same_model,
+    complete_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from megamem.training.metrics import MetricsLogger
+from megamem.training.optimizer import schedule_at
 from megamem.training.reshard import is_universal, load_universal
+
+SPIKE_HISTORY = (10, 20)        # train.spike_rollback compares a loss with the mean of the last 10 to 20
 
 
 class Trainer:
@@ -38,13 +54,16 @@ class Trainer:
     def __init__(self, config: Config, state: ParallelState, engine, loss_fn, loader: TrainLoader,
                  valid_manifests: list,
                  logger: MetricsLogger, stats: BucketStats, flops_per_token: int, device: torch.device,
-                 sharded: dict[str, list[int]]):
+                 sharded: dict[str, list[int]], stop: StopRequest):
+        self.stop = stop
         self.sharded = sharded                      # {plain name: [dim, stride]} of every tensor-parallel shard
         self.config, self.state, self.engine, self.loss_fn, self.loader = config, state, engine, loss_fn, loader
         self.valid_manifests, self.logger, self.stats = valid_manifests, logger, stats
         self.flops_per_token, self.device = flops_per_token, device
         self.step = 0
-        self.stop_requested = False
+        self.consecutive_skips = 0
+        self.recent_losses: list[float] = []         # for train.spike_rollback
+        self.rollbacks = 0
         self._valid_batches: list[torch.Tensor] | None = None     # the same every evaluation: read once
         self.accumulation = engine.gradient_accumulation_steps()
         self._batch_checked = False                 # tensor-parallel ranks hold the same batch: checked once
@@ -57,8 +76,11 @@ class Trainer:
         times = {} if self.pipelined else dict.fromkeys(("data_ms", "forward_ms", "backward_ms", "optimizer_ms"), 0.0)
         counter = self.state.tensor_parallel.counter
         counter.reset()
+        skipped_before = self.engine.skipped_steps
         started = time.perf_counter()
         loss, norm = self._run_step(times, measure_grad_norm)
+        skipped = self.engine.skipped_steps > skipped_before
+        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
         step_ms = (time.perf_counter() - started) * 1e3
         tokens = self.config.train.micro_batch_size * self.accumulation * self.config.model.seq_len
         replica_tokens_per_sec = tokens / (step_ms / 1e3)      # every rank of a replica works on the same tokens
@@ -66,7 +88,8 @@ class Trainer:
         traffic = {} if self.state.tp == 1 else {      # what this rank received from its tensor-parallel group
             "tp_forward_bytes_per_token": counter.total("forward") / tokens,
             "tp_backward_bytes_per_token": counter.total("backward") / tokens}
-        return {"loss": loss, "lr": self.engine.get_lr()[0], **traffic,
+        return {"loss": loss, "lr": self.engine.get_lr()[0], **traffic, "skipped": float(skipped),
+                "skipped_steps": float(self.engine.skipped_steps),
                 "grad_norm": float(norm) if norm is not None else float("nan"),
                 "loss_scale": float(getattr(self.engine.optimizer, "cur_scale", 1.0)),
                 "tokens_per_sec": replica_tokens_per_sec * self.state.dp,
@@ -106,7 +129,7 @@ class Trainer:
             batch = self._next_batch()
             times["data_ms"] += self._lap(mark)
             mark = time.perf_counter()
-            loss = self.loss_fn(self.engine(batch[:, :-1]), batch[:, 1:])
+            loss = spoiled_loss(self.loss_fn(self.engine(batch[:, :-1]), batch[:, 1:]))
             times["forward_ms"] += self._lap(mark)
             mark = time.perf_counter()
             self.engine.backward(loss)
@@ -164,29 +187,71 @@ class Trainer:
         return {"tp": self.state.tp, "pp": self.state.pp, "dp": self.state.dp, "zero_stage": par.zero_stage,
                 "table_sharding": par.table_sharding if memoryformer else None}
 
-    def save(self) -> Path:
-        extra = {"loader": self.loader.state_dict(), "layout": self.layout(), "partitions": self.sharded}
-        path = save_checkpoint(self.engine, Path(self.config.run.dir), self.step, extra, self.config.checkpoint.keep)
+    def save(self, last: bool) -> None:
+        """`last`: the run ends after it (its final step, or a stop), so a failed write ends the run non-zero."""
+        extra = {"loader": self.loader.state_dict(), "layout": self.layout(), "partitions": self.sharded,
+                 "model": dataclasses.asdict(self.config.model)}
+        try:
+            path = save_checkpoint(self.engine, Path(self.config.run.dir), self.step, extra,
+                                   self.config.checkpoint.keep)
+        except CheckpointNotSaved as err:
+            if last or self.config.checkpoint.on_write_error == "stop":
+                raise
+            self.logger.message(f"megamem: warning: {err}. Training continues and tries again at step "
+                                f"{self.step + self.config.checkpoint.interval} (checkpoint.on_write_error=continue)")
+            return
         self.logger.message(f"saved checkpoint {path}")
-        return path
 
     def load(self, path: Path) -> None:
-        marker = json.loads((path / MARKER).read_text())
-        saved_dp = None
-        if is_universal(marker):                # written by megamem reshard: whole tensors, any layout
-            rename = self.engine.module.plain_name if self.pipelined else str
-            load_universal(self.engine, path, marker, rename, self.state.dp)
-            if not marker["optimizer"]:
-                self.logger.message(f"{path} was resharded with --weights-only: Adam's moments start from zero")
-            saved_dp = (marker["source"]["layout"] or {}).get("dp")
-        else:
-            marker = load_checkpoint(self.engine, path, self.layout())
+        """Resume: the checkpoint's model, optimizer, RNG, step and data position."""
+        marker = self._restore(path)
+        saved_dp = (marker["source"]["layout"] or {}).get("dp") if is_universal(marker) else None
         self.step = marker["step"]
         self.loader.load_state_dict(marker["loader"], saved_dp)
+        self.logger.rewind(self.step)
         self.logger.message(f"resumed from {path} at step {self.step}")
 
+    def _restore(self, path: Path) -> dict:
+        """Engine state (and RNG) from a checkpoint, after checking its files and model; returns its marker."""
+        marker = json.loads((path / MARKER).read_text())
+        check_files(path, marker)
+        check_same_model(path, marker, dataclasses.asdict(self.config.model))
+        if not is_universal(marker):
+            return load_checkpoint(self.engine, path, self.layout())
+        rename = self.engine.module.plain_name if self.pipelined else str     # megamem reshard's: any layout
+        load_universal(self.engine, path, marker, rename, self.state.dp)
+        if not marker["optimizer"]:
+            self.logger.message(f"{path} was resharded with --weights-only: Adam's moments start from zero")
+        return marker
+
+    def _spiked(self, loss: float) -> bool:
+        """Whether this step's loss (the same on every rank) is a spike against the recent ones."""
+        recent = self.recent_losses
+        spike = len(recent) >= SPIKE_HISTORY[0] and loss > self.config.train.spike_rollback * sum(recent) / len(recent)
+        if not spike and math.isfinite(loss):
+            recent.append(loss)
+            del recent[:-SPIKE_HISTORY[1]]
+        return spike
+
+    def _roll_back(self, loss: float) -> None:
+        """Back to the newest checkpoint's weights and optimizer state, keeping the step count, the LR schedule and
+        the data position: the batches since that checkpoint are not trained on again."""
+        saved = complete_checkpoints(Path(self.config.run.dir))
+        mean = sum(self.recent_losses) / len(self.recent_losses)
+        if not saved:
+            self.logger.message(f"megamem: warning: loss spike at step {self.step} ({loss:.4f}, recent mean "
+                                f"{mean:.4f}) but no checkpoint to roll back to yet; training goes on")
+            return
+        self._restore(saved[-1])
+        schedule_at(self.engine.lr_scheduler, self.engine.optimizer.param_groups, self.step)
+        self.engine.global_steps = self.step
+        self.rollbacks += 1
+        self.logger.message(f"megamem: loss spike at step {self.step} ({loss:.4f} > train.spike_rollback="
+                            f"{self.config.train.spike_rollback:g} x recent mean {mean:.4f}): rolled back to "
+                            f"{saved[-1].name}, skipping the batches since then (rollback {self.rollbacks})")
+
     def _agree_to_stop(self) -> bool:
-        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        flag = torch.tensor([float(self.stop.requested)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -201,10 +266,24 @@ class Trainer:
             log_now = (self.step + 1) % cfg.logging.interval == 0 or self.step + 1 == total
             scalars = self.train_step(measure_grad_norm=log_now)
             self.step += 1
-            if log_now:
+            if self.consecutive_skips >= cfg.train.max_consecutive_skips:
+                raise MegamemError(f"training diverged: the last {self.consecutive_skips} steps (to step {self.step}) "
+                                   f"all had non-finite gradients and were skipped (loss {float(scalars['loss']):g}). "
+                                   f"Fix: resume from an earlier checkpoint (--resume RUN/checkpoints/step-N) with a "
+                                   f"lower optimizer.lr or a longer schedule.warmup_fraction, or check the data "
+                                   f"after that step")
+            log_now = log_now or bool(scalars["skipped"])
+            spikes = cfg.train.spike_rollback > 0
+            if log_now or spikes:
                 loss = scalars["loss"].to(self.device)
                 dist.all_reduce(loss, group=self.state.group("dp"))
                 scalars["loss"] = loss.item() / self.state.dp
+            if spikes and not scalars["skipped"] and self._spiked(scalars["loss"]):
+                self._roll_back(scalars["loss"])
+                log_now = True
+            if spikes:
+                scalars["rollbacks"] = float(self.rollbacks)
+            if log_now:
                 if self.step % cfg.train.eval_interval == 0 or self.step == total:
                     scalars["valid_loss"] = self.evaluate()
                     scalars["valid_perplexity"] = math.exp(min(scalars["valid_loss"], 50.0))
@@ -217,9 +296,10 @@ class Trainer:
                 self.stats.reset()
             stop = self._agree_to_stop()
             if self.step % cfg.checkpoint.interval == 0 or self.step == total or stop:
-                self.save()
+                self.save(last=self.step == total or stop)
             if stop:
-                self.logger.message(f"stopping at step {self.step} on request (SIGTERM); resume with --resume auto")
+                asked = self.stop.signal_name or "a signal to another rank"
+                self.logger.message(f"stopping at step {self.step} on request ({asked}); resume with --resume auto")
                 return
 
 

@@ -1,42 +1,16 @@
-"""Real training runs on CPU: outputs, ZeRO equivalence, preemption and resume, export, refusals."""
+"""Real training runs on CPU: outputs, ZeRO, tensor and pipeline equivalence, export, refusals."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from megamem.training.export import load_exported
 from tests.paths import CONFIGS, REPO
-
-
-def train(shards, run_dir, *overrides, nproc=1, steps=10, background=False):
-    command = [sys.executable, "-m", "megamem.cli.main", "train", str(CONFIGS / "cpu-smoke.yaml"),
-               "--set", f"data.path={shards}", "--set", f"run.dir={run_dir}", "--set", f"train.steps={steps}",
-               "--set", "logging.interval=1", "--set", "data.num_workers=0", "--nproc", str(nproc)]
-    for override in overrides:
-        command += ["--set", override]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    if background:
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def losses(run_dir, key: str = "loss") -> dict[int, float]:
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in records if key in r}
-
-
-def grad_norms(run_dir) -> dict[int, float]:
-    return losses(run_dir, "grad_norm")
+from tests.training.runs import grad_norms, losses, train
 
 
 def test_outputs_metrics_and_tensorboard_tags(shards, tmp_path):
@@ -199,36 +173,6 @@ def load_exported_from(run_dir):
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     return load_exported(target)
-
-
-@pytest.mark.parametrize("nproc, layout", [(1, []), (2, ["parallel.pp=2"])])
-def test_sigterm_saves_and_resume_continues_exactly(shards, tmp_path, nproc, layout):
-    """One process, and two pipeline stages (where the signal reaches one stage's process first: the agreement to
-    stop is an all-reduce over every rank, so both stages save the same step)."""
-    uninterrupted = tmp_path / "straight"
-    train(shards, uninterrupted, "train.eval_interval=1000", *layout, steps=14, nproc=nproc)
-
-    run = tmp_path / "preempted"
-    process = train(shards, run, "train.eval_interval=1000", "checkpoint.interval=1000", *layout, steps=14,
-                    background=True, nproc=nproc)
-    metrics = run / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, output[-3000:]
-    assert "stopping at step" in output
-    saved = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
-    assert len(saved) == 1 and saved[0] < "step-00000014"
-    stopped_at = int(saved[0].split("-")[1])
-
-    result = train(shards, run, "train.eval_interval=1000", "checkpoint.interval=1000", *layout, steps=14, nproc=nproc)
-    assert f"at step {stopped_at}" in result.stdout
-    straight, resumed = losses(uninterrupted), losses(run)
-    assert sorted(resumed) == list(range(1, 15))
-    for step in range(stopped_at + 1, 15):
-        assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7), step
 
 
 @pytest.mark.parametrize("overrides, nproc, message", [

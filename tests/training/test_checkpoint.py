@@ -1,0 +1,90 @@
+"""Crash-safe checkpoints: a kill -9 anywhere in a save, a full disk, a flipped byte, another model's checkpoint."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from megamem.training.checkpoint import complete_checkpoints
+from tests.paths import CONFIGS, REPO
+from tests.training.runs import losses, records, train
+
+STEPS = 9
+SETTINGS = ["checkpoint.interval=3", "checkpoint.keep=1", "train.eval_interval=1000"]
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    run = tmp_path_factory.mktemp("straight")
+    train(shards, run, *SETTINGS, steps=STEPS)
+    return losses(run)
+
+
+# One process at ZeRO 0 writes two files per checkpoint (model and optimizer states, then its RNG state): the 3rd
+# and 4th files are the step-6 checkpoint's. With keep=1, saving step 6 removes step 3 after step 6 is complete.
+@pytest.mark.parametrize("fault, resumed_at", [
+    ("checkpoint-file:kill:3", 3),          # DeepSpeed's file of step 6, cut off
+    ("checkpoint-file:kill:4", 3),          # the RNG file, after DeepSpeed's
+    ("checkpoint-marker:kill:2", 3),        # every file written, no marker yet
+    ("checkpoint-prune:kill:1", 6),         # step 6 complete, step 3 half removed
+])
+def test_kill_during_a_save_resumes_from_a_complete_checkpoint(shards, tmp_path, reference, fault, resumed_at):
+    run = tmp_path / "run"
+    killed = train(shards, run, *SETTINGS, steps=STEPS, fault=fault, returncode=-9)
+    assert "saved checkpoint" in killed.stdout
+    assert [p.name for p in complete_checkpoints(run)] == [f"step-{resumed_at:08d}"]
+    resumed = train(shards, run, *SETTINGS, steps=STEPS)
+    assert f"at step {resumed_at}" in resumed.stdout
+    assert [r["step"] for r in records(run) if "loss" in r] == list(range(1, STEPS + 1))
+    got = losses(run)
+    for step in range(resumed_at + 1, STEPS + 1):
+        assert got[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), (fault, step)
+    assert [p.name for p in (run / "checkpoints").glob("step-*")] == [f"step-{STEPS:08d}"]
+
+
+def test_full_disk_keeps_the_previous_checkpoint_and_continues_or_stops(shards, tmp_path, reference):
+    run = tmp_path / "continue"
+    result = train(shards, run, *SETTINGS, steps=STEPS, fault="checkpoint-file:enospc:3")
+    message = result.stdout
+    assert "checkpoint " in message and "step-00000006 was not saved: writing" in message, message[-3000:]
+    assert "No space left on device" in message
+    assert re.search(r"needs about 0\.1\d\d GB and [\d.]+ GB are free", message), message[-3000:]
+    assert "Training continues and tries again at step 9" in message
+    assert [p.name for p in complete_checkpoints(run)] == ["step-00000009"]
+    assert losses(run)[STEPS] == pytest.approx(reference[STEPS], rel=1e-6)
+
+    run = tmp_path / "stop"
+    result = train(shards, run, *SETTINGS, "checkpoint.on_write_error=stop", steps=STEPS,
+                   fault="checkpoint-file:enospc:3", returncode=2)
+    assert "step-00000006 was not saved" in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert [p.name for p in complete_checkpoints(run)] == ["step-00000003"]
+    assert not (run / "checkpoints" / "step-00000006").exists()
+    resumed = train(shards, run, *SETTINGS, steps=STEPS)
+    assert "at step 3" in resumed.stdout
+
+
+def test_damaged_or_foreign_checkpoints_are_refused_by_name(shards, tmp_path):
+    run = tmp_path / "run"
+    train(shards, run, "checkpoint.interval=2", "checkpoint.keep=2", "train.eval_interval=1000", steps=4)
+    newest = complete_checkpoints(run)[-1]
+    command = [sys.executable, "-m", "megamem.cli.main", "train", str(CONFIGS / "cpu-smoke.yaml"), "--set",
+               f"data.path={shards}", "--set", f"run.dir={run}", "--set", "train.steps=6"]
+
+    other = subprocess.run(command + ["--set", "model.hidden_size=64", "--set", "model.num_heads=2"], cwd=REPO,
+                           capture_output=True, text=True)
+    assert other.returncode == 2 and "holds another model: model.hidden_size=128 there, 64 here, " \
+                                     "model.num_heads=4 there, 2 here" in other.stderr, other.stderr[-2000:]
+
+    model_file = newest / "mp_rank_00_model_states.pt"
+    data = bytearray(model_file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model_file.write_bytes(bytes(data))
+    for argv in (command, [sys.executable, "-m", "megamem.cli.main", "export", str(run), "--output",
+                           str(tmp_path / "model.safetensors")]):
+        refused = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+        assert refused.returncode == 2 and f"{model_file} is corrupt: its sha256 differs" in refused.stderr, \
+            refused.stderr[-2000:]
+        assert "Traceback" not in refused.stderr
+    assert f"--resume {complete_checkpoints(run)[0]}" in refused.stderr or "earlier checkpoint" in refused.stderr

@@ -1,0 +1,43 @@
+"""A step whose loss or gradients are not finite is skipped and counted; a run of them stops the run."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests.training.runs import records, train
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_a_non_finite_step_is_skipped_and_counted(shards, tmp_path, zero):
+    """Micro-batch 3 is step 2's first (2 micro-batches per step); megamem's optimizer skips it at ZeRO 0,
+    DeepSpeed's at ZeRO 1."""
+    run = tmp_path / "run"
+    train(shards, run, f"parallel.zero_stage={zero}", "train.eval_interval=1000", steps=5, fault="loss:nan:3")
+    steps = {r["step"]: r for r in records(run) if "loss" in r}
+    assert steps[2]["skipped"] == 1.0 and math.isnan(steps[2]["loss"])
+    assert [steps[s]["skipped_steps"] for s in range(1, 6)] == [0, 1, 1, 1, 1]
+    assert all(math.isfinite(steps[s]["loss"]) and steps[s]["skipped"] == 0 for s in (1, 3, 4, 5))
+    assert steps[3]["loss"] < steps[1]["loss"]                  # the skipped step left the weights finite
+
+
+def test_consecutive_skips_stop_the_run(shards, tmp_path):
+    run = tmp_path / "run"
+    result = train(shards, run, "train.max_consecutive_skips=3", "train.eval_interval=1000", steps=10,
+                   fault="loss:nan:3+", returncode=2)
+    assert "training diverged: the last 3 steps (to step 4) all had non-finite gradients" in result.stderr, \
+        result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_loss_spike_rolls_back_to_the_last_checkpoint_and_skips_its_batches(shards, tmp_path):
+    """Micro-batch 25 is step 13's first: its loss x 10 makes the step's mean 5.5 times the recent ones."""
+    run = tmp_path / "run"
+    result = train(shards, run, "train.spike_rollback=3", "checkpoint.interval=4", "train.eval_interval=1000",
+                   steps=16, fault="loss:spike:25")
+    assert "loss spike at step 13" in result.stdout and "rolled back to step-00000012" in result.stdout, \
+        result.stdout[-3000:]
+    steps = {r["step"]: r for r in records(run) if "loss" in r}
+    assert [steps[s]["rollbacks"] for s in (12, 13, 14, 16)] == [0, 1, 1, 1]
+    assert steps[13]["loss"] > 3 * steps[12]["loss"] and steps[14]["loss"] < 1.1 * steps[12]["loss"]
+    assert sorted(steps) == list(range(1, 17))

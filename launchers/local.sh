@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# N training ranks on this machine through the deepspeed launcher (gloo on CPU).
+# N training ranks on this machine, started and watched by megamem train (gloo on CPU).
 #   launchers/local.sh N CONFIG [CONFIG ...] [--set key=value ...] [--resume auto|none|PATH]
 # Same as `megamem train CONFIG ... --nproc N`.
 set -euo pipefail

@@ -40,10 +40,14 @@ class StopRequest:
 
     def __init__(self):
         self.signal_name: str | None = None
+        self.interrupted = False
 
     def install(self) -> StopRequest:
+        """Listen, then take what a launcher held back (megamem.training.supervisor starts ranks with the stop
+        signals blocked, so that none dies of one before it listens)."""
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._received)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return self
 
     def request(self, name: str) -> None:
@@ -51,9 +55,11 @@ class StopRequest:
             self.signal_name = name
 
     def _received(self, signum: int, _frame) -> None:
-        if signum == signal.SIGINT and self.signal_name is not None:
-            print("megamem: second Ctrl-C: aborting now, without a checkpoint", file=sys.stderr, flush=True)
-            os._exit(130)
+        if signum == signal.SIGINT:
+            if self.interrupted:
+                print("megamem: second Ctrl-C: aborting now, without a checkpoint", file=sys.stderr, flush=True)
+                os._exit(130)
+            self.interrupted = True
         self.request(signal.Signals(signum).name)
 
     @property

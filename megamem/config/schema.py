@@ -119,7 +119,8 @@ class TrainConfig:
     eval_interval: int = 100
     eval_steps: int = 10          # validation micro-batches in all, shared out over data-parallel ranks
     # How long a rank waits in a collective (all-reduce, barrier, ...) for a peer that died or stalled before it
-    # fails, so that the job ends instead of hanging (torch's default is 30 minutes for gloo, 10 for NCCL).
+    # fails, so that the job ends instead of hanging (torch's default is 30 minutes for gloo, 10 for NCCL). Peers
+    # wait in a barrier while one rank writes its checkpoint files: keep it above the slowest checkpoint save.
     collective_timeout_s: float = 600.0
     # A step whose gradients are not finite is skipped (DeepSpeed's overflow skip, also without fp16); this many
     # in a row stop the run, which has diverged.

@@ -19,6 +19,7 @@ with what is needed. The previous checkpoint is untouched.
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -34,8 +35,16 @@ from megamem.faults import fault_point
 MARKER = "megamem.json"
 
 
+# torch.save's zip writer reports a failed write (a full disk: ENOSPC, a file size limit: EFBIG) as a RuntimeError
+WRITE_ERRORS = (OSError, RuntimeError)
+
+
+def _reason(err: BaseException) -> str:
+    return (err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip().splitlines()[0])
+
+
 class CheckpointNotSaved(MegamemError):
-    """A checkpoint could not be written; the previous one is intact."""
+    """A checkpoint could not be written; earlier ones are untouched."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -69,6 +78,21 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
+def set_aside_newer(path: Path) -> list[Path]:
+    """Resuming from `path` abandons the run's later checkpoints: renamed `abandoned-step-N` (kept, for the user to
+    delete), so that neither --resume auto after a preemption nor pruning mistakes them for this run's newest."""
+    moved = []
+    for newer in complete_checkpoints(path.parent.parent):
+        if newer.name > path.name:
+            target = newer.with_name(f"abandoned-{newer.name}")
+            shutil.rmtree(target, ignore_errors=True)
+            newer.rename(target)
+            moved.append(target)
+    if moved:
+        fsync_directory(path.parent)
+    return moved
+
+
 def _tensor_bytes(state) -> int:
     if isinstance(state, torch.Tensor):
         return state.numel() * state.element_size()
@@ -100,8 +124,8 @@ class CheckpointWriter:
             fault_point("checkpoint-file")
             save(state, path)
             self.files[path] = fsync_and_digest(Path(path))
-        except OSError as err:
-            self.failure = f"writing {path} failed: {err.strerror or err}"
+        except WRITE_ERRORS as err:
+            self.failure = f"writing {path} failed: {_reason(err)}"
             Path(path).unlink(missing_ok=True)
 
     def __getattr__(self, name: str):
@@ -137,13 +161,16 @@ def save_checkpoint(engine, run_dir: Path, step: int, extra: dict, keep: int) ->
     tag = tag_for(step)
     path = root / tag
     rank = dist.get_rank()
-    if rank == 0 and path.is_dir():
-        shutil.rmtree(path)                 # an earlier attempt at this step that never completed
+    if rank == 0 and path.is_dir():         # an earlier attempt at this step, or a run resumed from before it
+        _remove(path)
     dist.barrier()
     writer = CheckpointWriter(engine.checkpoint_engine)
     engine.checkpoint_engine = writer
     try:
         engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    except WRITE_ERRORS as err:         # a write DeepSpeed makes itself (its recovery script), past its collectives
+        writer.failure = writer.failure or f"DeepSpeed's save failed: {_reason(err)}"
+        dist.barrier()                  # the one it skipped: DeepSpeed's save ends in a barrier
     finally:
         engine.checkpoint_engine = writer.inner
     writer.write(_rng_state(), str(path / f"rng-rank{rank:05d}.pt"), torch.save)
@@ -160,18 +187,21 @@ def save_checkpoint(engine, run_dir: Path, step: int, extra: dict, keep: int) ->
                                                     "files": files}).encode())
             fsync_directory(root)
         except OSError as err:
-            problem = f"writing {path / MARKER} failed: {err.strerror or err}"
+            problem = f"writing {path / MARKER} failed: {_reason(err)}"
     shared = [problem]
     dist.broadcast_object_list(shared, src=0)
     problem = shared[0]
     if problem is not None:
         if rank == 0:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
         dist.barrier()
-        raise CheckpointNotSaved(f"checkpoint {path} was not saved: {problem}. The previous checkpoint is intact. "
+        raise CheckpointNotSaved(f"checkpoint {path} was not saved: {problem}. Earlier checkpoints are untouched. "
                                  f"Fix: free space on that filesystem (or give run.dir room elsewhere)")
     if rank == 0:
-        _prune(run_dir, keep)
+        try:
+            _prune(run_dir, keep)
+        except OSError as err:              # the new checkpoint is complete: an old one left behind costs space only
+            print(f"megamem: warning: removing old checkpoints of {run_dir} failed ({_reason(err)})", flush=True)
     dist.barrier()
     return path
 
@@ -192,10 +222,17 @@ def _prune(run_dir: Path, keep: int) -> None:
     newest = complete[-1]
     for path in checkpoint_dir(run_dir).glob("step-*"):
         if path.is_dir() and (path in complete[:-keep] or (path not in complete and path.name < newest.name)):
-            (path / MARKER).unlink(missing_ok=True)       # first: from here on it is incomplete, never resumed
-            fsync_directory(path)
-            fault_point("checkpoint-prune")
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
+
+
+def _remove(path: Path) -> None:
+    """The marker first: from then on the checkpoint is incomplete and never resumed, however far removal gets."""
+    if not path.is_dir():
+        return
+    (path / MARKER).unlink(missing_ok=True)
+    fsync_directory(path)
+    fault_point("checkpoint-prune")
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def verify_checkpoint(path: Path, marker: dict, share: int = 0, shares: int = 1) -> list[str]:
@@ -211,14 +248,19 @@ def check_files(path: Path, marker: dict) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     found: list[list[str]] = [[]] * world
     dist.all_gather_object(found, verify_checkpoint(path, marker, rank, world))
-    problems = [problem for share in found for problem in share]
-    if problems:
-        earlier = [p for p in complete_checkpoints(path.parent.parent) if p.name < path.name]
-        fix = f"resume from the checkpoint before it with --resume {earlier[-1]}" if earlier \
-            else "start the run again in a new run.dir"
-        raise MegamemError(f"checkpoint {path} is damaged: {'; '.join(problems[:3])}"
-                           f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}. Fix: {fix}, after "
-                           f"moving {path} aside")
+    refuse_damaged(path, [problem for share in found for problem in share])
+
+
+def refuse_damaged(path: Path, problems: list[str]) -> None:
+    """Raise, naming the damaged files and the checkpoint before `path` to use instead, if there are problems."""
+    if not problems:
+        return
+    earlier = [p for p in complete_checkpoints(path.parent.parent) if p.name < path.name]
+    fix = f"resume from the checkpoint before it with --resume {earlier[-1]}" if earlier \
+        else "start the run again in a new run.dir"
+    raise MegamemError(f"checkpoint {path} is damaged: {'; '.join(problems[:3])}"
+                       f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}. Fix: {fix}, after "
+                       f"moving {path} aside")
 
 
 def check_same_model(path: Path, marker: dict, model: dict) -> None:
@@ -262,5 +304,9 @@ def load_checkpoint(engine, path: Path, layout: dict) -> dict:
         raise MegamemError(f"DeepSpeed could not load {path}. Fix: check that the run's layout and ZeRO stage match")
     rng = path / f"rng-rank{dist.get_rank():05d}.pt"
     if rng.is_file() and marker.get("world_size") == dist.get_world_size():
-        _set_rng_state(torch.load(rng, weights_only=True))
+        try:
+            _set_rng_state(torch.load(rng, weights_only=True))
+        except pickle.UnpicklingError:      # an older megamem pickled them; loading pickles could run code
+            print(f"megamem: warning: {rng} holds random states in an older form that megamem no longer loads "
+                  f"(a pickle); they start afresh", flush=True)
     return marker

@@ -31,7 +31,7 @@ from torch import nn
 
 from megamem.config.schema import Config
 from megamem.errors import MegamemError
-from megamem.training.checkpoint import MARKER, verify_checkpoint
+from megamem.training.checkpoint import MARKER, refuse_damaged, verify_checkpoint
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -49,10 +49,7 @@ def read_checkpoint(checkpoint: Path, config: Config, with_optimizer: bool = Tru
         raise MegamemError(f"{checkpoint} is not a complete megamem checkpoint (no {MARKER}). Fix: pass a "
                            f"directory like RUN/checkpoints/step-00001000 written by megamem train")
     marker = json.loads((checkpoint / MARKER).read_text())
-    problems = verify_checkpoint(checkpoint, marker)
-    if problems:
-        raise MegamemError(f"checkpoint {checkpoint} is damaged: {'; '.join(problems)}. Fix: use an earlier "
-                           f"checkpoint of the run")
+    refuse_damaged(checkpoint, verify_checkpoint(checkpoint, marker))
     if marker.get("format") == "universal":
         return _read_universal(checkpoint, marker, with_optimizer)
     layout = marker.get("layout", {})

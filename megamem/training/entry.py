@@ -1,14 +1,15 @@
 """What every training rank runs, however it was started.
 
-`megamem train` runs it in-process (one rank) or through the deepspeed launcher
-(`--nproc N`); clusters start it with `deepspeed launchers/pretrain.py` or
+`megamem train` runs it in-process (one rank) or as N ranks it starts and watches
+(`--nproc N`, megamem.training.supervisor); clusters start it with `deepspeed launchers/pretrain.py` or
 `torchrun launchers/pretrain.py`. Build order: distributed init, layout checks,
 model, data, optimizer and DeepSpeed engine, monitoring, resume, loop.
 
-A rank that loses its peers (one died, or stalled past train.collective_timeout_s)
-says so in one line and exits 3 at once: its collectives cannot complete, and
-the launcher (megamem train's supervisor, srun --kill-on-bad-exit, DeepSpeed's
-launcher) ends the rest of the job.
+A rank that loses its peers over gloo (one died, or stalled past
+train.collective_timeout_s) says so in one line and exits 3 at once: its
+collectives cannot complete, and the launcher (megamem train's supervisor,
+srun --kill-on-bad-exit, DeepSpeed's launcher) ends the rest of the job. Over
+NCCL, its watchdog aborts the rank after the same timeout.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import argparse
 import datetime
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -58,11 +60,11 @@ def check_run_dir(run_dir: Path) -> None:
     """An unwritable run.dir fails here, before training, not at the first checkpoint hours later."""
     from megamem.errors import MegamemError
 
-    probe = run_dir / "checkpoints" / f".write-test-{os.getpid()}"
+    probe = run_dir / "checkpoints" / f".write-test-{socket.gethostname()}-{os.getpid()}"
     try:
         probe.parent.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as err:
         raise MegamemError(f"run.dir={run_dir} is not writable ({err.strerror or err}: {err.filename or probe}). "
                            f"Fix: set run.dir to a directory this user can write, or fix its permissions") from None
@@ -82,9 +84,7 @@ def lost_peers(err: BaseException) -> bool:
     """A collective that failed because another rank died or stalled: gloo and NCCL say so in their own words."""
     import torch.distributed as dist
 
-    text = str(err)
-    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and (
-        "gloo/transport" in text or "Connection closed by peer" in text or "NCCL" in text))
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "gloo/transport" in str(err))
 
 
 def _first_words(err: BaseException) -> str:
@@ -237,11 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if not lost_peers(err) or os.environ.get("MEGAMEM_DEBUG"):
             raise
+        from megamem.training.supervisor import LOST_PEERS_EXIT
+
         print(f"megamem train: error: rank {rank} lost contact with the other ranks ({_first_words(err)}): "
               f"one died, or stalled for longer than train.collective_timeout_s. This rank stops; relaunch with "
               f"--resume auto once the cause is fixed", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(3)                 # a normal exit would wait on, or abort in, the failed communicator's threads
+        os._exit(LOST_PEERS_EXIT)   # a normal exit would wait on, or abort in, the failed communicator's threads
     return 0
 
 

@@ -53,7 +53,9 @@ class SkippingAdamW(torch.optim.AdamW):
 
     def step(self, closure=None):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all().float() if grads else torch.ones(())
+        device = self.param_groups[0]["params"][0].device
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all().float() if grads \
+            else torch.ones((), device=device)
         if dist.is_initialized():           # every rank skips together, or its replicas drift apart
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         self.overflow = not bool(finite.item())

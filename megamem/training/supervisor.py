@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megamem.ports import free_port
-from megamem.stop_signals import STOP_SIGNALS
+from megamem.stop_signals import STOP_SIGNALS, stop_signals_held
 
 RANK_GRACE_S = 10.0
+LOST_PEERS_EXIT = 3         # how a rank whose collectives failed for want of a peer exits (megamem.training.entry)
 POLL_S = 0.1
 PR_SET_PDEATHSIG = 1
 
@@ -74,11 +75,14 @@ class LocalRanks:
         port = str(free_port())
         previous = {signum: signal.signal(signum, self._forward) for signum in STOP_SIGNALS}
         try:
-            for rank in range(self.nproc):
-                env = dict(self.env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(self.nproc),
-                           LOCAL_WORLD_SIZE=str(self.nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-                self.processes.append(subprocess.Popen(self.command, env=env, start_new_session=True,
-                                                       preexec_fn=_terminate_with_parent))
+            # Held back while ranks start, in this process and (the mask outlives exec) in each rank until its
+            # StopRequest listens: a signal meanwhile reaches every rank once they all exist, and none dies of it.
+            with stop_signals_held():
+                for rank in range(self.nproc):
+                    env = dict(self.env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(self.nproc),
+                               LOCAL_WORLD_SIZE=str(self.nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+                    self.processes.append(subprocess.Popen(self.command, env=env, start_new_session=True,
+                                                           preexec_fn=_terminate_with_parent))
             return self._watch()
         finally:
             for signum, handler in previous.items():
@@ -96,8 +100,8 @@ class LocalRanks:
             codes = [process.poll() for process in self.processes]
             failed = [RankExit(rank, self.processes[rank].pid, code) for rank, code in enumerate(codes)
                       if code not in (None, 0)]
-            if failed:
-                return self._end_after_failure(failed[0])
+            if failed:                          # a rank that only lost its peers is not the cause
+                return self._end_after_failure(min(failed, key=lambda f: f.returncode == LOST_PEERS_EXIT))
             if all(code == 0 for code in codes):
                 if self.signals:
                     print(f"megamem train: stopped on {self.signals[0]} after every rank saved its checkpoint; "
@@ -108,12 +112,19 @@ class LocalRanks:
     def _end_after_failure(self, first: RankExit) -> int:
         """Name the lost rank (and a stalled one: a rank that SIGSTOP froze makes its peers time out first), give the
         others RANK_GRACE_S to exit, then kill them."""
+        if self.signals.count("SIGINT") > 1:         # the ranks did as asked
+            self._kill_remaining()
+            print("megamem train: aborted by a second Ctrl-C, without a checkpoint", file=sys.stderr)
+            return 130
         failed_at = time.monotonic()
         stalled = [rank for rank, process in enumerate(self.processes)
                    if process.poll() is None and _stopped(process.pid)]
         while time.monotonic() - failed_at < RANK_GRACE_S and any(p.poll() is None for p in self.processes):
             time.sleep(POLL_S)
         killed = self._kill_remaining()
+        codes = {process.returncode for process in self.processes}
+        if not killed and len(codes) == 1 and first.returncode > 0 and first.returncode != LOST_PEERS_EXIT:
+            return first.returncode             # every rank stopped on the same error, which each has printed
         ended = time.monotonic() - failed_at
         lost = first.describe()
         if stalled:

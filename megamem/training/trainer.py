@@ -34,15 +34,16 @@ from megamem.training.checkpoint import (
     CheckpointNotSaved,
     check_files,
     check_same_model,
-    complete_checkpoints,
     load_checkpoint,
     save_checkpoint,
+    set_aside_newer,
 )
 from megamem.training.metrics import MetricsLogger
 from megamem.training.optimizer import schedule_at
 from megamem.training.reshard import is_universal, load_universal
 
 SPIKE_HISTORY = (10, 20)        # train.spike_rollback compares a loss with the mean of the last 10 to 20
+MAX_ROLLBACKS_TO_ONE_CHECKPOINT = 3
 
 
 class Trainer:
@@ -64,6 +65,8 @@ class Trainer:
         self.consecutive_skips = 0
         self.recent_losses: list[float] = []         # for train.spike_rollback
         self.rollbacks = 0
+        self.last_checkpoint: Path | None = None      # the same on every rank: what a rollback returns to
+        self.rollbacks_to_last = 0
         self._valid_batches: list[torch.Tensor] | None = None     # the same every evaluation: read once
         self.accumulation = engine.gradient_accumulation_steps()
         self._batch_checked = False                 # tensor-parallel ranks hold the same batch: checked once
@@ -200,6 +203,7 @@ class Trainer:
             self.logger.message(f"megamem: warning: {err}. Training continues and tries again at step "
                                 f"{self.step + self.config.checkpoint.interval} (checkpoint.on_write_error=continue)")
             return
+        self.last_checkpoint, self.rollbacks_to_last = path, 0
         self.logger.message(f"saved checkpoint {path}")
 
     def load(self, path: Path) -> None:
@@ -209,6 +213,12 @@ class Trainer:
         self.step = marker["step"]
         self.loader.load_state_dict(marker["loader"], saved_dp)
         self.logger.rewind(self.step)
+        if dist.get_rank() == 0:
+            for moved in set_aside_newer(path):
+                self.logger.message(f"megamem: {moved.name[len('abandoned-'):]} is newer than the checkpoint resumed "
+                                    f"from: moved aside to {moved}")
+        dist.barrier()
+        self.last_checkpoint, self.rollbacks_to_last = path, 0
         self.logger.message(f"resumed from {path} at step {self.step}")
 
     def _restore(self, path: Path) -> dict:
@@ -236,19 +246,23 @@ class Trainer:
     def _roll_back(self, loss: float) -> None:
         """Back to the newest checkpoint's weights and optimizer state, keeping the step count, the LR schedule and
         the data position: the batches since that checkpoint are not trained on again."""
-        saved = complete_checkpoints(Path(self.config.run.dir))
         mean = sum(self.recent_losses) / len(self.recent_losses)
-        if not saved:
-            self.logger.message(f"megamem: warning: loss spike at step {self.step} ({loss:.4f}, recent mean "
-                                f"{mean:.4f}) but no checkpoint to roll back to yet; training goes on")
+        where = f"loss spike at step {self.step} ({loss:.4f} > train.spike_rollback=" \
+                f"{self.config.train.spike_rollback:g} x recent mean {mean:.4f})"
+        if self.last_checkpoint is None:
+            self.logger.message(f"megamem: warning: {where}, but no checkpoint to roll back to yet; training goes on")
             return
-        self._restore(saved[-1])
+        if self.rollbacks_to_last == MAX_ROLLBACKS_TO_ONE_CHECKPOINT:
+            raise MegamemError(f"{where}: the loss spiked {MAX_ROLLBACKS_TO_ONE_CHECKPOINT + 1} times since "
+                               f"{self.last_checkpoint.name}, so its level has shifted rather than spiked (a change "
+                               f"of data?). Fix: resume with a larger train.spike_rollback, or 0 to turn it off")
+        self._restore(self.last_checkpoint)
         schedule_at(self.engine.lr_scheduler, self.engine.optimizer.param_groups, self.step)
         self.engine.global_steps = self.step
         self.rollbacks += 1
-        self.logger.message(f"megamem: loss spike at step {self.step} ({loss:.4f} > train.spike_rollback="
-                            f"{self.config.train.spike_rollback:g} x recent mean {mean:.4f}): rolled back to "
-                            f"{saved[-1].name}, skipping the batches since then (rollback {self.rollbacks})")
+        self.rollbacks_to_last += 1
+        self.logger.message(f"megamem: {where}: rolled back to {self.last_checkpoint.name}, skipping the batches "
+                            f"since then (rollback {self.rollbacks})")
 
     def _agree_to_stop(self) -> bool:
         flag = torch.tensor([float(self.stop.requested)], device=self.device)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
 import time
@@ -11,9 +13,11 @@ from pathlib import Path
 from tests.paths import CONFIGS, REPO
 
 
-def train(shards, run_dir, *overrides, nproc=1, steps=10, background=False, returncode=0, fault=None):
+def train(shards, run_dir, *overrides, nproc=1, steps=10, background=False, returncode=0, fault=None,
+          file_size_limit=None):
     """Runs to the end and checks its exit status, or (`background`) returns the process, in its own process group
-    so that a test can signal the whole group as a terminal or SLURM would. `fault`: MEGAMEM_FAULT (megamem.faults)."""
+    so that a test can signal the whole group as a terminal or SLURM would. `fault`: MEGAMEM_FAULT (megamem.faults);
+    `file_size_limit`: bytes any file may reach (RLIMIT_FSIZE), so that a large write really fails, with EFBIG."""
     command = [sys.executable, "-m", "megamem.cli.main", "train", str(CONFIGS / "cpu-smoke.yaml"),
                "--set", f"data.path={shards}", "--set", f"run.dir={run_dir}", "--set", f"train.steps={steps}",
                "--set", "logging.interval=1", "--set", "data.num_workers=0", "--nproc", str(nproc)]
@@ -25,9 +29,15 @@ def train(shards, run_dir, *overrides, nproc=1, steps=10, background=False, retu
     if background:
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+                            preexec_fn=None if file_size_limit is None else lambda: _limit_files(file_size_limit))
     assert result.returncode == returncode, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def _limit_files(size: int) -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)          # a write past the limit then fails instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
 def records(run_dir) -> list[dict]:

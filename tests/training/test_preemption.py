@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -23,17 +24,18 @@ def _send(process, signum: int, delivery: str) -> None:
 
 
 @pytest.mark.parametrize("nproc, layout, deliveries", [
-    (1, [], [("SIGTERM", "group", 2), ("SIGUSR1", "main", 0), ("SIGINT", "group", 1)]),
-    (2, ["parallel.pp=2"], [("SIGTERM", "rank1", 1)]),
+    (1, [], [("SIGTERM", "group", 2, True), ("SIGUSR1", "main", 0, False), ("SIGINT", "group", 1, False)]),
+    (2, ["parallel.pp=2"], [("SIGTERM", "rank1", 1, True), ("SIGTERM", "group", 0, False)]),
 ], ids=["one-process", "two-pipeline-stages"])
 def test_stop_signal_saves_once_and_resume_is_exact(shards, tmp_path, nproc, layout, deliveries):
-    """Each delivery: signal after step 10 with `workers` DataLoader workers, resume with another worker count (the
-    batches do not depend on it), and compare every later step's loss with an uninterrupted run to 1e-6 (fp32)."""
+    """Each delivery: signal after step 10 with `workers` DataLoader workers; one checkpoint, exit 0. Where `resume`,
+    resume with another worker count (the batches do not depend on it), and compare every later step's loss with an
+    uninterrupted run to 1e-6 (fp32): the resume does not depend on which signal stopped the run."""
     common = ["train.eval_interval=1000", "checkpoint.interval=1000", *layout]
     straight = tmp_path / "straight"
     train(shards, straight, *common, steps=STEPS, nproc=nproc)
     reference = losses(straight)
-    for name, delivery, workers in deliveries:
+    for name, delivery, workers, resume in deliveries:
         run = tmp_path / f"{name}-{delivery}"
         process = train(shards, run, *common, f"data.num_workers={workers}", steps=STEPS, nproc=nproc,
                         background=True)
@@ -46,6 +48,8 @@ def test_stop_signal_saves_once_and_resume_is_exact(shards, tmp_path, nproc, lay
         assert len(saved) == 1 and saved[0] < f"step-{STEPS:08d}", saved
         stopped_at = int(saved[0].split("-")[1])
         assert f"stopping at step {stopped_at} on request" in output
+        if not resume:
+            continue
 
         resumed = train(shards, run, *common, f"data.num_workers={(workers + 1) % 3}", steps=STEPS, nproc=nproc)
         assert f"at step {stopped_at}" in resumed.stdout
@@ -54,3 +58,19 @@ def test_stop_signal_saves_once_and_resume_is_exact(shards, tmp_path, nproc, lay
         got = losses(run)
         for step in range(stopped_at + 1, STEPS + 1):
             assert got[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), (name, delivery, step)
+
+
+def test_a_second_ctrl_c_aborts_every_rank(shards, tmp_path):
+    """Both reach the ranks through megamem train's supervisor (the terminal signals its process group only)."""
+    run = tmp_path / "run"
+    process = train(shards, run, steps=STEPS, nproc=2, background=True)
+    deadline = time.monotonic() + 120
+    while not (run / "config.yaml").exists():            # written once the ranks handle stop signals
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130 and "aborted by a second Ctrl-C, without a checkpoint" in output, output[-3000:]
+    assert not list((run / "checkpoints").glob("step-*/megamem.json"))

@@ -41,3 +41,11 @@ def test_a_loss_spike_rolls_back_to_the_last_checkpoint_and_skips_its_batches(sh
     assert [steps[s]["rollbacks"] for s in (12, 13, 14, 16)] == [0, 1, 1, 1]
     assert steps[13]["loss"] > 3 * steps[12]["loss"] and steps[14]["loss"] < 1.1 * steps[12]["loss"]
     assert sorted(steps) == list(range(1, 17))
+
+
+def test_a_lasting_rise_is_not_rolled_back_for_ever(shards, tmp_path):
+    run = tmp_path / "run"
+    result = train(shards, run, "train.spike_rollback=3", "checkpoint.interval=4", "train.eval_interval=1000",
+                   steps=30, fault="loss:spike:25+", returncode=2)
+    assert result.stdout.count("rolled back to step-00000012") == 3, result.stdout[-3000:]
+    assert "the loss spiked 4 times since step-00000012, so its level has shifted" in result.stderr

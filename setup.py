@@ -26,7 +26,8 @@ setup(
     package_dir=PACKAGES,
     install_requires=["torch>=2.1", "pyyaml>=6", "numpy", "webdataset>=0.2", "tokenizers>=0.15", "zstandard",
                       "deepspeed>=0.14", "tensorboard", "safetensors", "ninja", "psutil"],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6", "triton", "ruff>=0.6"]},
+    extras_require={"eval": ["lm-eval>=0.4.13"],
+                    "test": ["pytest>=7", "hypothesis>=6", "triton", "ruff>=0.6", "lm-eval>=0.4.13"]},
     package_data={"megamem.kernels": ["cpu/*.cpp", "cpu/*.h"]},
     entry_points={"console_scripts": ["megamem=megamem.cli.main:main"]},
 )

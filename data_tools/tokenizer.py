@@ -31,6 +31,10 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if i < 256).decode("utf-8", errors="replace")
 
+    def token_bytes(self) -> np.ndarray:
+        """How many bytes of text each id stands for (end-of-document: none), for bits per byte."""
+        return np.array([1] * 256 + [0], dtype=np.int64)
+
 
 class HFTokenizer:
     """A Hugging Face `tokenizers` tokenizer.json; its end-of-document token must exist."""
@@ -61,6 +65,19 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self._tokenizer.decode([int(i) for i in ids])
+
+    def token_bytes(self) -> np.ndarray:
+        """How many bytes of text each id stands for, for bits per byte: a byte-level token's characters are one
+        byte each (GPT-2's byte alphabet); any other token counts its UTF-8 length; special tokens none."""
+        from tokenizers import pre_tokenizers
+
+        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+        special = {token.content for token in self._tokenizer.get_added_tokens_decoder().values() if token.special}
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for token, index in self._tokenizer.get_vocab(with_added_tokens=True).items():
+            if token not in special:
+                lengths[index] = len(token) if set(token) <= alphabet else len(token.encode("utf-8"))
+        return lengths
 
 
 def load_tokenizer(spec: str):

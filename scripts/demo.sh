@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up, turn the Python standard library's own
 # sources into byte-level shards, train configs/cpu-smoke.yaml on CPU for a few
-# minutes, and show the validation loss before and after; then the same model
-# split over two processes (tensor parallelism, pipeline stages) for 20 steps,
-# against one process, a run re-cut for another layout (megamem reshard), and a
-# run preempted by SIGTERM to its whole process group that resumes exactly.
+# minutes, show the validation loss before and after and megamem eval's measures
+# of the trained model; then the same model split over two processes (tensor
+# parallelism, pipeline stages) for 20 steps against one process, a run re-cut
+# for another layout (megamem reshard), a run preempted by SIGTERM to its whole
+# process group that resumes exactly, and a sample of generated text.
 #   DATA=data/stdlib RUN=runs/cpu-smoke bash scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,7 @@ print(f"\nvalidation loss: {first:.3f} at step {first_step} -> {last:.3f} at ste
       f"({100 * (first - last) / first:.0f}% lower; perplexity {2.718281828 ** first:.1f} -> {2.718281828 ** last:.2f})")
 print(f"watch it:  tensorboard --logdir {sys.argv[1]}/tensorboard")
 PY
+megamem eval "$run" --data "$data"
 
 echo
 echo "tensor and pipeline parallelism: 20 steps in one process, then over 2 processes as parallel.tp=2 and as parallel.pp=2"
@@ -89,3 +91,6 @@ straight, resumed = ({r["step"]: r["loss"] for r in map(json.loads, open(f"{run}
 print("  ".join(f"step {step}: {resumed[step]:.6f} (uninterrupted {straight[step]:.6f})"
                 for step in sorted(resumed) if step > 10))
 PY
+echo
+echo "a sample from the trained model (megamem generate, KV cache, temperature 0.8):"
+megamem generate "$run" --prompt "def " --max-new-tokens 160 --temperature 0.8 --seed 1

@@ -11,11 +11,11 @@ import argparse
 import os
 import sys
 
-from megamem.cli import export, flops, plan, preprocess, reshard, train, train_tokenizer
+from megamem.cli import eval, export, flops, generate, lm_eval, plan, preprocess, reshard, train, train_tokenizer
 from megamem.errors import MegamemError
 from megamem.training.huge_pages import prefer_huge_pages
 
-COMMANDS = (preprocess, train_tokenizer, train, export, reshard, flops, plan)
+COMMANDS = (preprocess, train_tokenizer, train, eval, generate, lm_eval, export, reshard, flops, plan)
 
 DESCRIPTION = """\
 megamem: pretraining for MemoryFormer language models.
@@ -25,6 +25,8 @@ examples:
   megamem plan configs/memoryformer-base.yaml --tp 8 --pp 1 --dp 8 --zero 1 --micro-batch 4
   megamem preprocess --input 'corpus/*.jsonl' --output data/corpus --seq-len 2048 --workers 8
   megamem train configs/memoryformer-tiny.yaml --set data.path=data/corpus --nproc 8
+  megamem eval runs/mf-tiny --data data/corpus
+  megamem generate runs/mf-tiny --prompt "Once upon a time" --max-new-tokens 64
   megamem reshard runs/mf-tiny --tp 2 --pp 2 --output runs/mf-tiny-tp2pp2
 Run `megamem COMMAND --help` for each command's options."""
 
@@ -41,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     prefer_huge_pages()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, foreign = parser.parse_known_args(argv)
+    if foreign and not getattr(args, "passes_arguments_on", False):
+        parser.error(f"unrecognized arguments: {' '.join(foreign)}")
+    args.foreign = foreign                          # another tool's arguments (megamem lm-eval)
     if args.debug:
         os.environ["MEGAMEM_DEBUG"] = "1"           # training ranks started by megamem train inherit it
     try:

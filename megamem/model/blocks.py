@@ -17,6 +17,7 @@ from torch import nn
 from megamem.config.schema import ModelConfig
 from megamem.model.attention import CausalAttention
 from megamem.model.init import TorchInit, init_norm
+from megamem.model.kv_cache import LayerCache
 from megamem.model.memory_layer import MemoryLayer, released_qkv_std
 from megamem.model.norms import make_norm
 
@@ -50,10 +51,10 @@ class MemoryFormerBlock(nn.Module):
         for layer in (self.q, self.k, self.v, self.ml1, self.ml2):
             layer.init_weights(init)
 
-    def forward(self, x_BSd: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSd: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         a_BSd = self.norm1(x_BSd)
         hashed = self.q.hash(a_BSd)
-        z_BSd = x_BSd + self.attention(self.q(a_BSd, hashed), self.k(a_BSd, hashed), self.v(a_BSd, hashed))
+        z_BSd = x_BSd + self.attention(self.q(a_BSd, hashed), self.k(a_BSd, hashed), self.v(a_BSd, hashed), cache)
         return z_BSd + self.ml2(self.memory_block_middle(self.ml1(self.norm2(z_BSd))))
 
     def memory_block_middle(self, wide: torch.Tensor) -> torch.Tensor:
@@ -83,8 +84,8 @@ class DenseBlock(nn.Module):
             init.normal(linear.weight, self.init_std)
             init.zeros(linear.bias)
 
-    def forward(self, x_BSd: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSd: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         q, k, v = self.qkv(self.norm1(x_BSd)).chunk(3, dim=-1)
-        attention = self.out(self.attention(q, k, v))
+        attention = self.out(self.attention(q, k, v, cache))
         mlp = self.fc2(F.gelu(self.fc1(self.norm2(x_BSd))))
         return x_BSd + attention + mlp

@@ -15,6 +15,7 @@ from megamem.config.schema import ModelConfig
 from megamem.model.blocks import DenseBlock, MemoryFormerBlock
 from megamem.model.embedding import LMHead, TokenEmbedding
 from megamem.model.init import init_norm
+from megamem.model.kv_cache import KVCache
 from megamem.model.norms import make_norm
 
 
@@ -47,12 +48,14 @@ class LanguageModel(nn.Module):
         if not self.tie_embeddings:
             self.head.init_weights(init)
 
-    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
-        if tokens_BS.shape[-1] > self.seq_len:
-            raise ValueError(f"sequence of {tokens_BS.shape[-1]} tokens exceeds model.seq_len={self.seq_len}")
+    def forward(self, tokens_BS: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """`cache`: decoding; the tokens follow the positions it holds, and their keys and values join it."""
+        length = tokens_BS.shape[-1] + (cache.length if cache is not None else 0)
+        if length > self.seq_len:
+            raise ValueError(f"sequence of {length} tokens exceeds model.seq_len={self.seq_len}")
         x_BSd = self.embed(tokens_BS)
-        for block in self.blocks:
-            x_BSd = block(x_BSd)
+        for index, block in enumerate(self.blocks):
+            x_BSd = block(x_BSd) if cache is None else block(x_BSd, cache.layers[index])
         return self.head(self.final_norm(x_BSd))
 
 

@@ -21,6 +21,7 @@ records; the vocabulary keeps the padding of the layout that wrote it.
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -106,6 +107,8 @@ def join_tensor_parallel(shards: list[dict[str, torch.Tensor]], partitions: dict
 
 def _load(path: Path) -> dict:
     """Tensors and plain data only (no pickled code), plus the few DeepSpeed records its files hold."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")          # else DeepSpeed warns that it guessed so
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

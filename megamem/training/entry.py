@@ -130,6 +130,7 @@ def run_training(config, resume: str) -> None:
 
     from megamem.config import save_config
     from megamem.data_tools.loader import TrainLoader
+    from megamem.errors import MegamemError
     from megamem.flops import flops_report
     from megamem.model import build_model
     from megamem.model.init import materialize
@@ -210,6 +211,9 @@ def run_training(config, resume: str) -> None:
         if resume_from is not None:
             trainer.load(resume_from)
         trainer.fit()
+    except MegamemError:                # every rank is well: leave the process group before the interpreter does,
+        dist.destroy_process_group()    # which can abort on its threads ("terminate called without ...")
+        raise
     finally:
         loader.close()
         logger.close()

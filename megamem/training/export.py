@@ -23,19 +23,26 @@ VOCAB_PARAMETERS = ("embed.weight", "head.weight")
 def export_model(run_dir: Path, output: Path, checkpoint: Path | None = None) -> Path:
     from safetensors.torch import save_file
 
-    from megamem.config import config_to_dict, load_config, padded_vocab_size
+    from megamem.config import config_to_dict, load_config
 
     checkpoint = checkpoint or newest_checkpoint(run_dir)
-    config = load_config([run_dir / "config.yaml"])
-    state = read_checkpoint(checkpoint, config, with_optimizer=False).weights
-    single = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, tp=1, pp=1))
-    rows = padded_vocab_size(single.model, single.parallel)
-    tensors = {name: (tensor[:rows] if name in VOCAB_PARAMETERS else tensor).detach().float().contiguous().clone()
-               for name, tensor in state.items()}
+    single, tensors = one_process_weights(checkpoint, load_config([run_dir / "config.yaml"]))
     output.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(output), metadata={"config": yaml.safe_dump(config_to_dict(single), sort_keys=False),
                                               "checkpoint": str(checkpoint)})
     return checkpoint
+
+
+def one_process_weights(checkpoint: Path, config):
+    """(the run's config with its layout set to one process, that model's fp32 weights) from a checkpoint of any
+    layout: shards joined, the vocabulary cut back to one process's padding."""
+    from megamem.config import padded_vocab_size
+
+    state = read_checkpoint(checkpoint, config, with_optimizer=False).weights
+    single = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, tp=1, pp=1))
+    rows = padded_vocab_size(single.model, single.parallel)
+    return single, {name: (tensor[:rows] if name in VOCAB_PARAMETERS else tensor).detach().float().contiguous().clone()
+                    for name, tensor in state.items()}
 
 
 def newest_checkpoint(run_dir: Path) -> Path:
@@ -45,8 +52,14 @@ def newest_checkpoint(run_dir: Path) -> Path:
     return complete[-1]
 
 
-def load_exported(path: str | Path, device: str = "cpu"):
-    """(model, config) from an exported .safetensors file."""
+def with_kernel(config, kernel: str | None):
+    """The config with another Memory Layer kernel (None: its own)."""
+    return config if kernel is None else dataclasses.replace(config, model=dataclasses.replace(config.model,
+                                                                                               kernel=kernel))
+
+
+def load_exported(path: str | Path, device: str = "cpu", kernel: str | None = None):
+    """(model, config) from an exported .safetensors file; `kernel` as in with_kernel."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -55,6 +68,7 @@ def load_exported(path: str | Path, device: str = "cpu"):
 
     with safe_open(str(path), framework="pt") as handle:
         config = config_from_dict(yaml.safe_load(handle.metadata()["config"]), source=f"{path} (metadata)")
+    config = with_kernel(config, kernel)
     model = build_model(config, device="meta")
     model.load_state_dict(load_file(str(path), device=device), assign=True)
     model.tie_weights()

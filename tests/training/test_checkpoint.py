@@ -60,9 +60,6 @@ def test_full_disk_keeps_the_previous_checkpoint_and_continues_or_stops(shards, 
     assert "step-00000006 was not saved" in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert [p.name for p in complete_checkpoints(run)] == ["step-00000003"]
     assert not (run / "checkpoints" / "step-00000006").exists()
-    resumed = train(shards, run, *SETTINGS, steps=STEPS)
-    assert "at step 3" in resumed.stdout
-    assert all(losses(run)[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7) for step in range(4, 10))
 
     # a real failed write: torch's zip writer meets a file size limit (80 MB: above DeepSpeed's 66 MB shared-memory
     # file, below the 105 MB checkpoint) and reports it as a RuntimeError, not an OSError

@@ -1,0 +1,1 @@
+"""Using a trained model: load it from what a run wrote, evaluate it."""

@@ -1,0 +1,88 @@
+"""The lm-evaluation-harness backend: its log-likelihoods are megamem eval's per-token losses on the same text, and
+`megamem lm-eval` runs a multiple-choice task defined here, offline."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megamem.inference.evaluate import evaluate
+from tests.paths import REPO
+
+pytest.importorskip("lm_eval")
+from megamem.inference.lm_eval_adapter import MegamemLM  # noqa: E402
+
+TEXT = "import json\n\ndef load(path):\n    return json.loads(open(path).read())\n"
+
+
+@pytest.fixture(scope="module")
+def adapter(trained):
+    return MegamemLM(path=str(trained), batch_size=3, device="cpu")
+
+
+def _requests(*arguments):
+    return [SimpleNamespace(args=args) for args in arguments]
+
+
+def _log_probs(model, tokens: list[int]) -> torch.Tensor:
+    """log p(token i | tokens before it) for every token but the first, from one full forward."""
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([tokens[:-1]])).float()[0, :, :257], -1)
+    return logprobs.gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0]
+
+
+def test_log_likelihoods_are_the_evaluated_losses(adapter):
+    """Rolling: the text after end-of-document, whose summed loss megamem eval measures. Conditional: the
+    continuation's tokens' log-probabilities after the context's (an empty context is end-of-document)."""
+    encode = adapter.tokenizer.encode
+    tokens = [adapter.tokenizer.eod_id, *encode(TEXT)]
+    measured = evaluate(adapter.model, [torch.tensor([tokens])], adapter.tokenizer.token_bytes(),
+                        torch.device("cpu"))
+    [rolling] = adapter.loglikelihood_rolling(_requests((TEXT,)))
+    assert rolling == pytest.approx(-measured.loss * measured.tokens, rel=1e-5)
+
+    context, continuation = TEXT[:20], TEXT[20:40]
+    pair = [*encode(context), *encode(continuation)]
+    expected = float(_log_probs(adapter.model, pair)[len(encode(context)) - 1:].sum())
+    (conditional, greedy), (whole, _) = adapter.loglikelihood(_requests((context, continuation), ("", TEXT)))
+    assert conditional == pytest.approx(expected, rel=1e-5) and greedy is False
+    assert whole == pytest.approx(rolling, rel=1e-5)
+
+
+def test_generate_until_stops_at_the_stop_string(adapter):
+    [text] = adapter.generate_until(_requests(("def ", {"until": ["("], "max_gen_toks": 32})))
+    assert "(" not in text and len(text) <= 32
+
+
+def test_megamem_lm_eval_runs_a_local_task_offline(trained, tmp_path):
+    docs = [{"question": "def add(a, b):\n    return a", "choices": [" + b", " ** zebra"], "answer": 0},
+            {"question": "import", "choices": [" os", " ~~~~"], "answer": 0}]
+    (tmp_path / "choices.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "local_choice.yaml").write_text(f"""task: megamem_local_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / "choices.jsonl"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+""")
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
+               OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "megamem.cli.main", "lm-eval", "--model", "megamem",
+                             "--model_args", f"path={trained}", "--tasks", "megamem_local_choice", "--include_path",
+                             str(tmp_path), "--batch_size", "4", "--output_path", str(tmp_path / "results")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "megamem_local_choice" in result.stdout and "acc" in result.stdout, result.stdout[-3000:]
+    saved = list((tmp_path / "results").rglob("results_*.json"))
+    assert saved and "acc,none" in json.loads(saved[0].read_text())["results"]["megamem_local_choice"]

@@ -33,14 +33,19 @@ def atomic_write(path: Path, data: bytes) -> None:
     fsync_directory(path.parent)
 
 
+def _sha256(handle) -> str:
+    digest = hashlib.sha256()
+    while chunk := handle.read(CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
 def fsync_and_digest(path: Path) -> dict:
     """Flush a file another writer closed to the disk, and return its size and sha256 as a checkpoint records them."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+        sha256 = _sha256(handle)
+    return {"bytes": path.stat().st_size, "sha256": sha256}
 
 
 def digest_problem(path: Path, recorded: dict) -> str | None:
@@ -50,10 +55,8 @@ def digest_problem(path: Path, recorded: dict) -> str | None:
     size = path.stat().st_size
     if size != recorded["bytes"]:
         return f"{path} holds {size} bytes, {recorded['bytes']} were written"
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    if digest.hexdigest() != recorded["sha256"]:
+        sha256 = _sha256(handle)
+    if sha256 != recorded["sha256"]:
         return f"{path} is corrupt: its sha256 differs from the one recorded when it was written"
     return None

@@ -285,13 +285,12 @@ def _sharding(layout: dict) -> str:
             + f", {layout.get('dp', 1)} data-parallel replica(s), ZeRO {layout.get('zero_stage', 0)}")
 
 
-def load_checkpoint(engine, path: Path, layout: dict) -> dict:
-    """Restore engine state and this rank's RNG; return the marker (step, data position, ...).
+def load_checkpoint(engine, path: Path, marker: dict, layout: dict) -> None:
+    """Restore engine state and this rank's RNG from the checkpoint `marker` (its megamem.json) describes.
 
     A checkpoint whose parameters were split another way is refused before DeepSpeed reads it: each rank's
     files hold the shards of the layout that wrote them.
     """
-    marker = json.loads((path / MARKER).read_text())
     saved, now = _sharding(marker.get("layout", {})), _sharding(layout)
     if saved != now:
         raise MegamemError(f"{path} was written with {saved}; this run has {now}, and a checkpoint's shards load only "
@@ -309,4 +308,3 @@ def load_checkpoint(engine, path: Path, layout: dict) -> dict:
         except pickle.UnpicklingError:      # an older megamem pickled them; loading pickles could run code
             print(f"megamem: warning: {rng} holds random states in an older form that megamem no longer loads "
                   f"(a pickle); they start afresh", flush=True)
-    return marker

@@ -227,7 +227,8 @@ class Trainer:
         check_files(path, marker)
         check_same_model(path, marker, dataclasses.asdict(self.config.model))
         if not is_universal(marker):
-            return load_checkpoint(self.engine, path, self.layout())
+            load_checkpoint(self.engine, path, marker, self.layout())
+            return marker
         rename = self.engine.module.plain_name if self.pipelined else str     # megamem reshard's: any layout
         load_universal(self.engine, path, marker, rename, self.state.dp)
         if not marker["optimizer"]:

@@ -23,6 +23,7 @@ class ByteTokenizer:
     kind = "byte"
     vocab_size = 257
     eod_id = 256
+    eod_token = "<|endoftext|>"     # its name where a tokenizer file needs one (megamem export --format hf)
     hash = hashlib.sha256(b"megamem byte tokenizer v1: ids 0-255 are bytes, 256 is end-of-document").hexdigest()
 
     def encode(self, text: str) -> np.ndarray:
@@ -53,12 +54,12 @@ class HFTokenizer:
             raise DataError(f"tokenizer {path} is not a valid tokenizer.json ({err}); "
                             f"train one with `megamem train-tokenizer` or use --tokenizer byte") from None
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
-        ids = [self._tokenizer.token_to_id(token) for token in EOD_CANDIDATES]
-        found = [i for i in ids if i is not None]
+        found = [(self._tokenizer.token_to_id(token), token) for token in EOD_CANDIDATES
+                 if self._tokenizer.token_to_id(token) is not None]
         if not found:
             raise DataError(f"tokenizer {path} has no end-of-document token (looked for {', '.join(EOD_CANDIDATES)}); "
                             f"add one as a special token")
-        self.eod_id = found[0]
+        self.eod_id, self.eod_token = found[0]
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)

@@ -5,7 +5,8 @@
 # of the trained model; then the same model split over two processes (tensor
 # parallelism, pipeline stages) for 20 steps against one process, a run re-cut
 # for another layout (megamem reshard), a run preempted by SIGTERM to its whole
-# process group that resumes exactly, and a sample of generated text.
+# process group that resumes exactly, a sample of generated text, and the model
+# exported for Hugging Face transformers, decoding there.
 #   DATA=data/stdlib RUN=runs/cpu-smoke bash scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -94,3 +95,20 @@ PY
 echo
 echo "a sample from the trained model (megamem generate, KV cache, temperature 0.8):"
 megamem generate "$run" --prompt "def " --max-new-tokens 160 --temperature 0.8 --seed 1
+echo
+echo "the same model in Hugging Face transformers (megamem export --format hf), sampling at temperature 0.8:"
+megamem export "$run" --format hf --output "$run/hf" >/dev/null
+(cd "$run/hf" && python - <<'PY'
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging
+logging.set_verbosity_error()
+logging.disable_progress_bar()
+model = AutoModelForCausalLM.from_pretrained(".", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(".", trust_remote_code=True)
+torch.manual_seed(1)
+out = model.generate(**tokenizer("def ", return_tensors="pt"), max_new_tokens=120, do_sample=True, temperature=0.8,
+                     top_k=0)
+print(tokenizer.decode(out[0], skip_special_tokens=True))
+PY
+)

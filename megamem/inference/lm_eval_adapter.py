@@ -98,9 +98,18 @@ class MegamemLM(LM):
 
 
 def run_lm_eval(argv: list[str]) -> int:
-    """lm-eval's own CLI, with this backend registered (importing this module did that)."""
+    """lm-eval's own CLI, with this backend registered (importing this module did that). An unknown task is a
+    user's mistake, named in one line like megamem's own."""
     from lm_eval.__main__ import cli_evaluate
 
+    from megamem.errors import MegamemError
+
     sys.argv = ["lm-eval", *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except ValueError as err:
+        if not str(err).startswith("Tasks not found"):
+            raise
+        raise MegamemError(f"lm-eval {err}. Fix: `megamem lm-eval ls tasks` lists lm-eval's tasks; a task of your "
+                           f"own needs --include_path DIR (the directory of its YAML)") from None
     return 0

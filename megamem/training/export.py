@@ -21,15 +21,16 @@ VOCAB_PARAMETERS = ("embed.weight", "head.weight")
 
 
 def export_model(run_dir: Path, output: Path, checkpoint: Path | None = None) -> Path:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from megamem.config import config_to_dict, load_config
+    from megamem.durable import atomic_write
 
     checkpoint = checkpoint or newest_checkpoint(run_dir)
     single, tensors = one_process_weights(checkpoint, load_config([run_dir / "config.yaml"]))
     output.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(output), metadata={"config": yaml.safe_dump(config_to_dict(single), sort_keys=False),
-                                              "checkpoint": str(checkpoint)})
+    atomic_write(output, save(tensors, metadata={"config": yaml.safe_dump(config_to_dict(single), sort_keys=False),
+                                                 "checkpoint": str(checkpoint)}))
     return checkpoint
 
 

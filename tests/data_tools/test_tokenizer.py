@@ -32,6 +32,7 @@ def test_train_tokenizer_command_makes_a_loadable_bpe(tmp_path, capsys):
     assert main(["train-tokenizer", "--input", str(corpus), "--vocab-size", "400", "--output", str(out)]) == 0
     tokenizer = load_tokenizer(str(out))
     assert tokenizer.kind == "huggingface" and tokenizer.eod_id == 0 and tokenizer.vocab_size <= 400
+    assert tokenizer.eod_token == "<|endoftext|>"           # named in a Hugging Face export's tokenizer_config
     ids = tokenizer.encode("def function_7(x):")
     assert tokenizer.decode(ids) == "def function_7(x):" and len(ids) < len("def function_7(x):")
 

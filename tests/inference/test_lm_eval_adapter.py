@@ -1,5 +1,6 @@
 """The lm-evaluation-harness backend: its log-likelihoods are megamem eval's per-token losses on the same text, and
-`megamem lm-eval` runs a multiple-choice task defined here, offline."""
+`megamem lm-eval` runs a multiple-choice task defined here, offline, scoring as lm-eval's `hf` backend does on the
+Hugging Face export."""
 from __future__ import annotations
 
 import json
@@ -59,7 +60,9 @@ def test_generate_until_stops_at_the_stop_string(adapter):
     assert "(" not in text and len(text) <= 32
 
 
-def test_megamem_lm_eval_runs_a_local_task_offline(trained, tmp_path):
+def test_a_local_task_runs_offline_through_megamem_lm_eval_and_lm_eval_on_the_export(trained, tmp_path):
+    """`megamem lm-eval --model megamem` on the run, and lm-eval's own CLI with its `hf` backend on the run's
+    `megamem export --format hf`, score every choice alike."""
     docs = [{"question": "def add(a, b):\n    return a", "choices": [" + b", " ** zebra"], "answer": 0},
             {"question": "import", "choices": [" os", " ~~~~"], "answer": 0}]
     (tmp_path / "choices.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
@@ -78,11 +81,36 @@ metric_list:
 """)
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
                OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "megamem.cli.main", "lm-eval", "--model", "megamem",
-                             "--model_args", f"path={trained}", "--tasks", "megamem_local_choice", "--include_path",
-                             str(tmp_path), "--batch_size", "4", "--output_path", str(tmp_path / "results")],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "megamem_local_choice" in result.stdout and "acc" in result.stdout, result.stdout[-3000:]
-    saved = list((tmp_path / "results").rglob("results_*.json"))
-    assert saved and "acc,none" in json.loads(saved[0].read_text())["results"]["megamem_local_choice"]
+    hf_export = tmp_path / "export"
+    assert subprocess.run([sys.executable, "-m", "megamem.cli.main", "export", str(trained), "--format", "hf",
+                           "--output", str(hf_export)], cwd=REPO, capture_output=True).returncode == 0
+    task = ["--tasks", "megamem_local_choice", "--include_path", str(tmp_path), "--batch_size", "4", "--log_samples"]
+    commands = {"megamem": ([sys.executable, "-m", "megamem.cli.main", "lm-eval", "--model", "megamem",
+                             "--model_args", f"path={trained}"], REPO),
+                # lm-eval as users run it, away from the repository (whose kernels/ would shadow a package)
+                "hf": ([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                        f"pretrained={hf_export},trust_remote_code=True,dtype=float32", "--device", "cpu"], tmp_path)}
+    scores = {}
+    for backend, (command, cwd) in commands.items():
+        result = subprocess.run([*command, *task, "--output_path", str(tmp_path / backend)], cwd=cwd, env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "megamem_local_choice" in result.stdout and "acc" in result.stdout, result.stdout[-3000:]
+        [saved] = (tmp_path / backend).rglob("results_*.json")
+        assert "acc,none" in json.loads(saved.read_text())["results"]["megamem_local_choice"]
+        [samples] = (tmp_path / backend).rglob("samples_*.jsonl")
+        scores[backend] = [float(choice[0][0]) for line in samples.read_text().splitlines()
+                           for choice in json.loads(line)["resps"]]
+    assert len(scores["megamem"]) == 4 and scores["hf"] == pytest.approx(scores["megamem"], rel=1e-5)
+
+
+def test_bad_lm_eval_inputs_are_named(trained, tmp_path, megamem, monkeypatch):
+    """The missing run is found when lm-eval builds the model, before it would fetch the task's data."""
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(variable, "1")
+    for model_args, task, message in ((f"path={trained}", "no_such_task_anywhere",
+                                       "lm-eval Tasks not found: no_such_task_anywhere. Fix: `megamem lm-eval ls "
+                                       "tasks`"),
+                                      (f"path={tmp_path / 'no-run'}", "arc_easy", "is not a run directory")):
+        status, _, err = megamem("lm-eval", "--model", "megamem", "--model_args", model_args, "--tasks", task)
+        assert status == 2 and message in err and "Traceback" not in err, err[-3000:]

@@ -1,4 +1,4 @@
-"""Real training runs on CPU: outputs, ZeRO, tensor and pipeline equivalence, export, refusals."""
+"""Real training runs on CPU: outputs, ZeRO, tensor and pipeline equivalence, loading every layout, refusals."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from megamem.training.export import load_exported
+from megamem.cli.main import main
+from megamem.inference.load import load_trained
 from tests.paths import CONFIGS, REPO
 from tests.training.runs import grad_norms, losses, train
 
@@ -59,12 +60,13 @@ def test_zero_stages_on_two_ranks_match_one_process(shards, tmp_path):
         for step in range(1, 11):
             assert got[step] == pytest.approx(reference[step], rel=1e-3), (stage, step)
 
-    # Export consolidates ZeRO-3 partitions into the same parameters. The hash makes weights-to-codes discontinuous:
+    # The one loading function (eval, generate, lm-eval, export) consolidates ZeRO-3 partitions into the same
+    # parameters. The hash makes weights-to-codes discontinuous:
     # a rounding-level difference can send one token to another row, and Adam moves a row it touches by about the
     # LR (3e-3) whatever the gradient's size. So weights may differ by up to about 1.5 Adam steps, while a wrong
     # reassembly would misplace rows by the tables' own scale (std 0.02).
-    model, config = load_exported_from(tmp_path / "zero3")
-    one, _ = load_exported_from(tmp_path / "one")
+    model, config = one_process_model(tmp_path / "zero3")
+    one, _ = one_process_model(tmp_path / "one")
     assert config.parallel.zero_stage == 3
     reference = dict(one.named_parameters())
     for name, param in model.named_parameters():
@@ -112,18 +114,18 @@ def test_tensor_parallel_runs_match_one_process(shards, tmp_path):
                                      "data-parallel replica(s), ZeRO 0; this run has parallel.tp=1" in moved.stderr, \
         moved.stderr[-2000:]
 
-    # The exported tp = 2 model is the one-process model (vocabulary cut to the one-process padding); the hash makes
+    # The tp = 2 model loads as the one-process model (vocabulary cut to the one-process padding); the hash makes
     # weights-to-codes discontinuous, so allow about one Adam step (the LR, 3e-3) as in the ZeRO export check above.
-    one, _ = load_exported_from(tmp_path / "one")
+    one, _ = one_process_model(tmp_path / "one")
     reference = dict(one.named_parameters())
     for name in ("dp2-zero2", "table"):            # ZeRO-2 partitions of column shards; whole tables under ZeRO 0
-        model, config = load_exported_from(tmp_path / name)
+        model, config = one_process_model(tmp_path / name)
         assert config.parallel.tp == 1 and model.embed.weight.shape == one.embed.weight.shape
         for param_name, param in model.named_parameters():
             torch.testing.assert_close(param, reference[param_name], rtol=0, atol=3e-3, msg=f"{name} {param_name}")
 
 
-def test_pipeline_runs_match_one_process(shards, tmp_path):
+def test_pipeline_runs_match_one_process(shards, tmp_path, capsys):
     """pp = 2 (ZeRO 0, where megamem replaces DeepSpeed's clipping norm), tp = 2 x pp = 2, pp = 2 x dp = 2 under
     ZeRO 1, pp = 2 with activation checkpointing, and the dense model at pp = 2, each against one process, fp32,
     global batch 16. A pipeline runs the same layers on the same micro-batches; what differs is where sums cross
@@ -156,23 +158,26 @@ def test_pipeline_runs_match_one_process(shards, tmp_path):
     for layer, stats in last["memoryformer"]["buckets"].items():        # every stage's layers, under plain names
         assert last["tp2-pp2"]["buckets"][layer] == pytest.approx(stats, rel=1e-3), layer
 
-    # export joins stages' layer files (and ZeRO 1's fp32 partitions) into the one-process model, within about one
-    # Adam step (the LR, 3e-3) for the rows a rounding difference sent elsewhere, as in the tensor-parallel test
-    one, _ = load_exported_from(tmp_path / "memoryformer")
+    # Loading joins stages' layer files (and ZeRO 1's fp32 partitions) into the one-process model, within about one
+    # Adam step (the LR, 3e-3) for the rows a rounding difference sent elsewhere, as in the tensor-parallel test;
+    # megamem eval of that model on the run's validation split is the pipeline's own logged valid_loss.
+    one, _ = one_process_model(tmp_path / "memoryformer")
     reference = dict(one.named_parameters())
     for name in ("tp2-pp2", "pp2-dp2-zero1"):
-        model, config = load_exported_from(tmp_path / name)
+        model, config = one_process_model(tmp_path / name)
         assert config.parallel.pp == 1 and sorted(dict(model.named_parameters())) == sorted(reference)
         for param_name, param in model.named_parameters():
             torch.testing.assert_close(param, reference[param_name], rtol=0, atol=3e-3, msg=f"{name} {param_name}")
+        capsys.readouterr()
+        assert main(["eval", str(tmp_path / name), "--data", str(shards), "--json"]) == 0
+        evaluated = json.loads(capsys.readouterr().out)["loss"]
+        assert evaluated == pytest.approx(losses(tmp_path / name, "valid_loss")[5], rel=1e-4), name
 
 
-def load_exported_from(run_dir):
-    target = run_dir / "model.safetensors"
-    result = subprocess.run([sys.executable, "-m", "megamem.cli.main", "export", str(run_dir), "--output", str(target)],
-                            cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return load_exported(target)
+def one_process_model(run_dir):
+    """(model, config) through megamem.inference.load_trained, which every command that uses a model goes through."""
+    trained = load_trained(run_dir)
+    return trained.model, trained.config
 
 
 @pytest.mark.parametrize("overrides, nproc, message", [

@@ -28,8 +28,9 @@ setup(
     install_requires=["torch>=2.1", "pyyaml>=6", "numpy", "webdataset>=0.2", "tokenizers>=0.15", "zstandard",
                       "deepspeed>=0.14", "tensorboard", "safetensors", "ninja", "psutil"],
     extras_require={"eval": ["lm-eval>=0.4.13", "transformers>=5", "accelerate>=0.26"],
+                    "bench": ["matplotlib>=3.7"],
                     "test": ["pytest>=7", "hypothesis>=6", "triton", "ruff>=0.6", "lm-eval>=0.4.13", "transformers>=5",
-                             "accelerate>=0.26"]},
+                             "accelerate>=0.26", "matplotlib>=3.7"]},
     package_data={"megamem.kernels": ["cpu/*.cpp", "cpu/*.h"]},
     entry_points={"console_scripts": ["megamem=megamem.cli.main:main"]},
 )

@@ -1,7 +1,7 @@
-"""The fused kernels (C++ on CPU, Triton in its interpreter here) against the reference:
-outputs and every gradient, fp32 and bf16, the worst case for the table-gradient
-reduction, determinism, and a whole model. Token counts are kept to a few hundred
-so the interpreter runs few programs (128 tokens each)."""
+"""The fused kernels (C++ on CPU, Triton compiled on a GPU or in its interpreter without one) against the
+reference: outputs and every gradient, fp32 and bf16, the worst case for the table-gradient reduction,
+determinism, and a whole model. Token counts are kept to a few hundred so the interpreter runs few programs (128
+tokens each)."""
 from __future__ import annotations
 
 import pytest
@@ -14,12 +14,21 @@ from megamem.model import build_model, lm_loss
 FUSED = ["cpu", "triton"]
 
 
+def device_for(kernel) -> torch.device:
+    """Triton compiles for CUDA tensors where a GPU is present (scripts/gpu_check.sh); its interpreter takes CPU
+    tensors."""
+    return torch.device("cuda" if kernel.name == "triton" and torch.cuda.is_available() else "cpu")
+
+
 def run(kernel, x, tables, bias, tau, temperature, weighting, dy):
-    x, tables = x.detach().clone().requires_grad_(), tables.detach().clone().requires_grad_()
-    bias = bias.detach().clone().requires_grad_() if bias is not None else None
+    """(y, dx, dtables, dbias) on the CPU, in fp32, computed on the kernel's device."""
+    device = device_for(kernel)
+    x, tables = x.detach().to(device).requires_grad_(), tables.detach().to(device).requires_grad_()
+    bias = bias.detach().to(device).requires_grad_() if bias is not None else None
     y = kernel.hash_gather_sum(x, tables, bias, tau, temperature, weighting)
-    y.backward(dy.to(y.dtype))
-    return y.detach().float(), x.grad.float(), tables.grad.float(), bias.grad.float() if bias is not None else None
+    y.backward(dy.to(device, y.dtype))
+    return tuple(t.detach().float().cpu() if t is not None else None
+                 for t in (y, x.grad, tables.grad, bias.grad if bias is not None else None))
 
 
 def inputs(tokens, tau, chunks, d_out, dtype, seed=0, one_bucket=False):
@@ -96,10 +105,13 @@ def test_a_model_on_a_fused_kernel_matches_the_reference_model(tiny_config, kern
     fused = build_model(tiny_config)
     fused.load_state_dict(reference.state_dict())
     assert fused.blocks[0].q.kernel is get_kernel(kernel)
+    device = device_for(get_kernel(kernel))
+    fused.to(device)
     tokens = torch.randint(0, 97, (2, 33))
-    losses = [lm_loss(m(tokens[:, :-1]), tokens[:, 1:]) for m in (reference, fused)]
+    losses = [lm_loss(m(t[:, :-1]), t[:, 1:]) for m, t in ((reference, tokens), (fused, tokens.to(device)))]
     for loss in losses:
         loss.backward()
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses[0], losses[1].cpu(), rtol=1e-5, atol=1e-6)
     for (name, a), b in zip(reference.named_parameters(), fused.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4 * a.grad.abs().max().item() + 1e-9, msg=name)
+        torch.testing.assert_close(a.grad, b.grad.cpu(), rtol=1e-4, atol=1e-4 * a.grad.abs().max().item() + 1e-9,
+                                   msg=name)

@@ -1,0 +1,38 @@
+"""benchmarks/train_throughput.py --quick: every model, part and phase measured, the JSON as documented, a chart."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.paths import REPO
+
+PHASES = ("prefill512", "prefill2048", "decode", "train")
+
+
+def test_quick_run_writes_every_row_and_a_chart(tmp_path):
+    out, png = tmp_path / "throughput.json", tmp_path / "throughput.png"
+    result = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--quick", "--json", str(out), "--png",
+                             str(png)], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {(r["model"], r["part"], r["phase"]): r for r in report["rows"]}
+    assert set(rows) == {(model, part, phase) for model in ("mf-smoke", "dense-smoke") for part in ("blocks", "whole")
+                         for phase in PHASES}
+    for key, row in rows.items():
+        assert row["tokens_per_sec"] > 0 and row["macs_per_token"] > 0 and row["peak_mem_gb"] > 0, key
+        if row["phase"] == "train":
+            assert row["fwdbwd_tokens_per_sec"] > row["tokens_per_sec"] > 0 and row["optimizer_ms"] > 0, key
+    for phase in PHASES:        # the count: a Memory Layer reads K rows where a Linear multiplies a whole matrix
+        assert rows[("mf-smoke", "blocks", phase)]["macs_per_token"] < rows[("dense-smoke", "blocks", phase)][
+            "macs_per_token"]
+        assert rows[("mf-smoke", "blocks", phase)]["macs_per_token"] < rows[("mf-smoke", "whole", phase)][
+            "macs_per_token"]
+    summary = report["summary"]["smoke/auto"]
+    assert set(summary["targets_met"]) == {"prefill512", "decode", "train"}
+    assert {f"{part}/{phase}" for part in ("blocks", "whole") for phase in PHASES} <= set(summary)
+    assert 0 < summary["memoryformer_outside_blocks_macs_fraction"] < 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "MemoryFormer over dense" in result.stdout and "targets (block stack)" in result.stdout

@@ -30,6 +30,8 @@ import json
 import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import psutil
@@ -56,8 +58,10 @@ def build(config_name: str, overrides, kernel: str, sizes: dict, device: torch.d
     return build_model(config, device=device), config
 
 
-def workload(model, config, part: str, phase: str, sizes: dict, device: torch.device):
-    """A callable that runs the phase once and returns (tokens, seconds) of what it measures."""
+def workload(model, config, optimizer, part: str, phase: str, sizes: dict, device: torch.device):
+    """A callable that runs the phase once and returns (tokens, seconds) of what it measures. One AdamW serves
+    both parts of a model (its state for a MemoryFormer's tables is gigabytes); a step of the block stack leaves
+    the other parameters, which have no gradient then, as they are."""
     from megamem.inference.generate import generate
     from megamem.model import lm_loss
     from megamem.model.kv_cache import KVCache
@@ -110,8 +114,6 @@ def workload(model, config, part: str, phase: str, sizes: dict, device: torch.de
 
     seq = sizes["train"]
     batch = max(1, sizes["batch_tokens"] // seq)
-    parameters = list(model.parameters() if part == "whole" else model.blocks.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=1e-5)
     data = torch.randint(vocab, (batch, seq + 1), device=device)
     hidden = torch.randn(batch, seq, d, device=device)
     step_tokens = config.train.global_batch_size * seq
@@ -125,12 +127,17 @@ def workload(model, config, part: str, phase: str, sizes: dict, device: torch.de
     def train():
         """The global batch's tokens over its forward and backward passes (batch * seq tokens each) plus one
         optimizer step."""
-        optimizer.zero_grad(set_to_none=False)
+        optimizer.zero_grad(set_to_none=True)         # the block stack's steps leave the other parameters be
         passes = seconds_of(forward_backward)
         update = seconds_of(optimizer.step)
         train.parts = {"fwdbwd_tokens_per_sec": batch * seq / passes, "optimizer_ms": update * 1e3}
         return step_tokens, passes * step_tokens / (batch * seq) + update
     return train
+
+
+def built_with_optimizer(entry: tuple, sizes: dict, device: torch.device) -> tuple:
+    model, config = build(*entry_build_args(entry), sizes, device)
+    return model, config, torch.optim.AdamW(model.parameters(), lr=1e-5)
 
 
 def synchronize(device: torch.device) -> None:
@@ -155,11 +162,15 @@ def peak_memory_gb(entry: tuple, part: str, phase: str, sizes: dict, device: tor
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        run = workload(*build(*entry_build_args(entry), sizes, device), part, phase, sizes, device)
+        run = workload(*built_with_optimizer(entry, sizes, device), part, phase, sizes, device)
         run(), run()
         del run
         return round((torch.cuda.max_memory_allocated() - before) / 1e9, 4)
-    return pool.apply(cpu_peak_memory_gb, (entry, part, phase, sizes))
+    try:
+        return pool.submit(cpu_peak_memory_gb, entry, part, phase, sizes).result()
+    except BrokenProcessPool:
+        sys.exit(f"train_throughput: the process measuring the peak memory of {entry[1]} {part} {phase} died "
+                 f"(killed for memory? see dmesg). Fix: free memory, or leave out --models/--kernels")
 
 
 def cpu_peak_memory_gb(entry: tuple, part: str, phase: str, sizes: dict) -> float:
@@ -167,7 +178,7 @@ def cpu_peak_memory_gb(entry: tuple, part: str, phase: str, sizes: dict) -> floa
     resident set before the model is built. A first pass, thrown away, loads what any first use loads (modules,
     thread pools, the CPU kernel's library), which is then reset out of the peak."""
     def phase_twice():
-        run = workload(*build(*entry_build_args(entry), sizes, torch.device("cpu")), part, phase, sizes,
+        run = workload(*built_with_optimizer(entry, sizes, torch.device("cpu")), part, phase, sizes,
                        torch.device("cpu"))
         run(), run()
 
@@ -201,6 +212,22 @@ def in_turns(workloads: dict, repeats: int) -> dict:
             if tokens / seconds > best[key][0]:
                 best[key] = (tokens / seconds, dict(getattr(run, "parts", {})))
     return best
+
+
+def profile(run, device: torch.device, top: int = 12) -> list[list]:
+    """[op, self milliseconds, share of the whole] of one run's costliest ops (autograd nodes name the backward
+    of each forward op; the fused CPU kernel's appear as _HashBackward / _GatherSumBackward)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    run()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profiler(activities=activities) as recorded:
+        run()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(recorded.key_averages(), key=lambda e: -getattr(e, key))
+    total = sum(getattr(e, key) for e in events) or 1
+    return [[e.key, round(getattr(e, key) / 1e3, 2), round(getattr(e, key) / total, 3)] for e in events[:top]]
 
 
 def summarise(rows: list[dict], device: str) -> dict:
@@ -265,6 +292,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short sequences and one repeat (a smoke test)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--png", help="and a bar chart here")
+    parser.add_argument("--profile", metavar="PART/PHASE", help="also profile one run of PART/PHASE (e.g. "
+                                                               "blocks/train) of each model: its top ops")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -280,11 +309,11 @@ def main() -> None:
     # CPU peak memory: each measurement in a process forked from this server, started before any model exists
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "megamem.model", "megamem.inference.generate", "megamem.kernels"])
-    pool = context.Pool(1, maxtasksperchild=1) if device.type == "cpu" else None
+    pool = ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) if device.type == "cpu" else None
     if pool:
-        pool.apply(psutil.cpu_count)                          # starts the server now, while this process is small
+        pool.submit(psutil.cpu_count).result()                # starts the server now, while this process is small
     torch.manual_seed(0)
-    built = {entry: build(*entry_build_args(entry), sizes, device) for entry in entries}
+    built = {entry: built_with_optimizer(entry, sizes, device) for entry in entries}
     rows = []
     for phase in PHASES:                # one phase at a time, every model and part in turns
         workloads = {(entry, part): workload(*built[entry], part, phase, sizes, device)
@@ -296,6 +325,8 @@ def main() -> None:
                          "macs_per_token": macs_per_token(built[entry][1], part, phase, sizes),
                          **{key: round(value, 1) for key, value in parts.items()}})
         print(f"  {phase} timed", file=sys.stderr)
+    profiles = {entry[1]: profile(workload(*built[entry], part, phase, sizes, device), device)
+                for entry in entries for part, phase in [args.profile.split("/")]} if args.profile else {}
     del built, workloads
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)                   # room for the memory measurements' processes
@@ -303,10 +334,11 @@ def main() -> None:
         entry = next(e for e in entries if (e[1], e[5]) == (row["model"], row["kernel"]))
         row["peak_mem_gb"] = peak_memory_gb(entry, row["part"], row["phase"], sizes, device, pool)
     if pool:
-        pool.close()
+        pool.shutdown()
     result = {"device": args.device, "dtype": "fp32" if device.type == "cpu" else "bf16",
               "threads": torch.get_num_threads(), "quick": args.quick, "sizes": sizes, "rows": rows,
-              "summary": summarise(rows, args.device), "targets_blocks_mf_over_dense_cpu": TARGETS}
+              "summary": summarise(rows, args.device), "targets_blocks_mf_over_dense_cpu": TARGETS,
+              **({"profile": {"of": args.profile, "ops": profiles}} if profiles else {})}
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -321,6 +353,9 @@ def main() -> None:
         train = f"{r['fwdbwd_tokens_per_sec']:>20,.1f}{r['optimizer_ms']:>12,.1f}" if r["phase"] == "train" else ""
         print(f"{r['model']:<13}{r['kernel']:<11}{r['part']:<8}{r['phase']:<13}{r['tokens_per_sec']:>12,.1f}"
               f"{r['macs_per_token']:>14,}{r['peak_mem_gb']:>9.3f}{train}")
+    for model, ops in profiles.items():
+        print(f"\n{model}, {args.profile}, one run: " + ", ".join(f"{op} {ms:.0f} ms ({share:.0%})"
+                                                                 for op, ms, share in ops))
     for key, entry in result["summary"].items():
         ratios = ", ".join(f"{name} x{value}" for name, value in entry.items() if "/" in name)
         print(f"{key} MemoryFormer over dense: {ratios}")

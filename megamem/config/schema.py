@@ -33,7 +33,7 @@ class ModelConfig:
     table_init_std: float = 0.02
     qkv_table_init: Literal["normal", "released"] = "normal"
     memory_block_gelu: bool = False
-    kernel: str = "reference"      # reference | cpu | triton | auto (megamem.kernels)
+    kernel: str = "auto"           # auto | reference | cpu | triton (megamem.kernels); auto: the fastest here
     # Norms: the released MemoryFormer code uses RMSNorm, RMSNorm, LayerNorm.
     norm1: NormKind = "rmsnorm"
     norm2: NormKind = "rmsnorm"

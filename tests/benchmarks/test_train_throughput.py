@@ -14,7 +14,7 @@ PHASES = ("prefill512", "prefill2048", "decode", "train")
 def test_quick_run_writes_every_row_and_a_chart(tmp_path):
     out, png = tmp_path / "throughput.json", tmp_path / "throughput.png"
     result = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--quick", "--json", str(out), "--png",
-                             str(png)], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                             str(png), "--profile", "blocks/train"], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -34,5 +34,8 @@ def test_quick_run_writes_every_row_and_a_chart(tmp_path):
     assert set(summary["targets_met"]) == {"prefill512", "decode", "train"}
     assert {f"{part}/{phase}" for part in ("blocks", "whole") for phase in PHASES} <= set(summary)
     assert 0 < summary["memoryformer_outside_blocks_macs_fraction"] < 1
+    ops = report["profile"]["ops"]["mf-smoke"]
+    assert report["profile"]["of"] == "blocks/train" and len(ops) > 3 and all(ms >= 0 for _, ms, _ in ops)
+    assert any("GatherSum" in op for op, _, _ in ops), ops        # the fused kernel's backward is among the costliest
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "MemoryFormer over dense" in result.stdout and "targets (block stack)" in result.stdout

@@ -99,6 +99,7 @@ def test_a_model_on_a_fused_kernel_matches_the_reference_model(tiny_config, kern
     """Q, K and V share one hashing: the gradient of p from three lookups must add up the same way.
     Without expanding bits ML2 has 2^8, not 2^10, rows per table: a quarter of the interpreter's work."""
     tiny_config.model.expanding_bits = 0
+    tiny_config.model.kernel = "reference"
     torch.manual_seed(0)
     reference = build_model(tiny_config)
     tiny_config.model.kernel = kernel

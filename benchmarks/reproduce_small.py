@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "cpu-smoke.yaml"
 VARIANTS = {"memoryformer_paper": ("memoryformer", "paper"), "memoryformer_l1": ("memoryformer", "l1"),
             "dense": ("dense", "paper")}
-LRS = {"dense": (1e-3, 3e-3, 6e-3), "memoryformer_paper": (3e-3, 9e-3, 1.8e-2),
-       "memoryformer_l1": (3e-3, 6e-3, 9e-3)}
+LRS = {"dense": (1e-3, 3e-3, 6e-3), "memoryformer_paper": (3e-3, 9e-3, 1.8e-2, 3.6e-2, 7.2e-2),
+       "memoryformer_l1": (1.5e-3, 3e-3, 6e-3, 9e-3)}
 QUICK_LRS = {"dense": (3e-3,), "memoryformer_paper": (9e-3,), "memoryformer_l1": (6e-3,)}
 QUICK_MODEL = ["model.hidden_size=64", "model.num_heads=2", "model.num_layers=1", "train.eval_steps=4"]
 EVALS_PER_RUN = 6

@@ -13,8 +13,9 @@ PHASES = ("prefill512", "prefill2048", "decode", "train")
 
 def test_quick_run_writes_every_row_and_a_chart(tmp_path):
     out, png = tmp_path / "throughput.json", tmp_path / "throughput.png"
-    result = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--quick", "--json", str(out), "--png",
-                             str(png), "--profile", "blocks/train"], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+    command = [sys.executable, "benchmarks/train_throughput.py", "--quick", "--json", str(out), "--png", str(png),
+               "--profile", "blocks/train"]
+    result = subprocess.run(command, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -12,6 +12,12 @@ from pathlib import Path
 
 from tests.paths import CONFIGS, REPO
 
+# Layout-equivalence tests compare runs on the kernel that defines correctness, with the paper's weighting: their
+# 1e-4 bound was measured so (rounding-level differences in sums across ranks, amplified by the odd hash flip). On
+# the fused CPU kernel with l1 weighting the same layouts drifted apart by 1.2e-4 to 5e-4 by step 5 to 10, more
+# flips, not a wrong sum: tests/kernels holds the fused kernels to the reference, both weightings.
+REFERENCE_NUMERICS = ["model.kernel=reference", "model.weighting=paper"]
+
 
 def train(shards, run_dir, *overrides, nproc=1, steps=10, background=False, returncode=0, fault=None,
           file_size_limit=None):

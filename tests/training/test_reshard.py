@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from tests.paths import REPO
-from tests.training.test_train_runs import losses, train
+from tests.training.runs import REFERENCE_NUMERICS, losses, train
 
-BATCH = ["train.global_batch_size=16", "train.eval_interval=1000", "checkpoint.interval=5"]
+BATCH = ["train.global_batch_size=16", "train.eval_interval=1000", "checkpoint.interval=5", *REFERENCE_NUMERICS]
 
 
 def megamem(*args: str, nproc: int | None = None) -> subprocess.CompletedProcess:

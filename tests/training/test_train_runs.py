@@ -11,7 +11,7 @@ import torch
 from megamem.cli.main import main
 from megamem.inference.load import load_trained
 from tests.paths import CONFIGS, REPO
-from tests.training.runs import grad_norms, losses, train
+from tests.training.runs import REFERENCE_NUMERICS, grad_norms, losses, train
 
 
 def test_outputs_metrics_and_tensorboard_tags(shards, tmp_path):
@@ -50,7 +50,7 @@ def test_zero_stages_on_two_ranks_match_one_process(shards, tmp_path):
     step, amplified over 10 Adam steps. The hash amplifies it further: a rounding-level change can send a token to
     another row (see the export check below), and losses were seen 1.1e-4 apart by step 8. 1e-3 relative is still
     far below the step-to-step change of the loss (>1e-2), which a wrong gradient reduction would show."""
-    batch = ["train.global_batch_size=16", "train.eval_interval=1000"]
+    batch = ["train.global_batch_size=16", "train.eval_interval=1000", *REFERENCE_NUMERICS]
     train(shards, tmp_path / "one", *batch, "parallel.zero_stage=0")
     reference = losses(tmp_path / "one")
     assert len(reference) == 10 and reference[10] < reference[1] - 0.5
@@ -81,7 +81,7 @@ def test_tensor_parallel_runs_match_one_process(shards, tmp_path):
     for a hash flip near zero, which moves a token to another row (the ZeRO test above saw 1.1e-4 from such flips
     by step 8), and is far below the loss's change per step (>1e-2). Adam hardly sees a gradient that is wrong by a
     constant factor, so the logged gradient norm (the whole model's) is compared too."""
-    batch = ["train.global_batch_size=16", "train.eval_interval=1000"]
+    batch = ["train.global_batch_size=16", "train.eval_interval=1000", *REFERENCE_NUMERICS]
     train(shards, tmp_path / "one", *batch)
     reference = losses(tmp_path / "one")
     reference_norms = grad_norms(tmp_path / "one")
@@ -133,7 +133,7 @@ def test_pipeline_runs_match_one_process(shards, tmp_path, capsys):
     to float32 rounding: 2.2e-6 relative at most over 5 steps when measured. The bound of 1e-4 is the tensor-parallel
     test's, argued there; the gradient norm (with clipping at 1.0 active: the norms are above 2) must agree too, which
     a norm leaving out a stage's parameters would not."""
-    batch = ["train.global_batch_size=16", "train.eval_interval=5"]
+    batch = ["train.global_batch_size=16", "train.eval_interval=5", *REFERENCE_NUMERICS]
     layouts = {"pp2": ("memoryformer", 2, ["parallel.pp=2"]),
                "tp2-pp2": ("memoryformer", 4, ["parallel.pp=2", "parallel.tp=2"]),
                "pp2-dp2-zero1": ("memoryformer", 4, ["parallel.pp=2", "parallel.zero_stage=1"]),

@@ -252,4 +252,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything is saved and the process group left; skip the interpreter's teardown, where a communication
+    # library's static threads can still abort a finished rank ("terminate called without an active exception").
+    os._exit(status)

@@ -108,7 +108,8 @@ def test_tensor_parallel_runs_match_one_process(shards, tmp_path):
 
     # A checkpoint's shards belong to the layout that wrote them: resuming it in another is refused up front.
     command = [sys.executable, "-m", "megamem.cli.main", "train", str(CONFIGS / "cpu-smoke.yaml"), "--set",
-               f"data.path={shards}", "--set", f"run.dir={tmp_path / 'column'}", "--set", "train.steps=20"]
+               f"data.path={shards}", "--set", f"run.dir={tmp_path / 'column'}", "--set", "train.steps=20",
+               *[part for setting in REFERENCE_NUMERICS for part in ("--set", setting)]]
     moved = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert moved.returncode == 2 and "was written with parallel.tp=2, parallel.table_sharding=column, 1 " \
                                      "data-parallel replica(s), ZeRO 0; this run has parallel.tp=1" in moved.stderr, \

@@ -17,6 +17,7 @@ from megamem.data_tools.tokenizer import ByteTokenizer, load_tokenizer
 from megamem.durable import atomic_write
 from megamem.errors import MegamemError
 from megamem.inference.load import TrainedModel, load_trained
+from megamem.training.export import VOCAB_PARAMETERS
 
 MODELING_FILE = Path(__file__).with_name("modeling_megamem.py")
 
@@ -24,14 +25,14 @@ MODELING_FILE = Path(__file__).with_name("modeling_megamem.py")
 def export_hf(path: str | Path, output: Path) -> TrainedModel:
     from safetensors.torch import save
 
-    trained = load_trained(path)
     if output.is_dir() and any(output.iterdir()) and not (output / "config.json").is_file():
         raise MegamemError(f"{output} exists and is not a Hugging Face model directory. Fix: pass a new or empty "
                            f"--output directory")
+    trained = load_trained(path)
     output.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(trained.config.data.tokenizer)
     vocab, eod = trained.config.model.vocab_size, tokenizer.eod_token
-    weights = {name: (tensor[:vocab] if name in ("embed.weight", "head.weight") else tensor).detach().cpu().clone()
+    weights = {name: (tensor[:vocab] if name in VOCAB_PARAMETERS else tensor).detach().cpu().clone()
                .contiguous() for name, tensor in trained.model.state_dict().items()}
     json_files = {"config.json": hf_config(trained.config, tokenizer.eod_id),
                   "generation_config.json": {"bos_token_id": tokenizer.eod_id, "eos_token_id": tokenizer.eod_id,

@@ -19,6 +19,9 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+# the output's cache field: `cache` from transformers 5.24, `past_key_values` before
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
 
 class MegamemConfig(PretrainedConfig):
     model_type = "megamem"
@@ -235,6 +238,4 @@ class MegamemForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        cache_field = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} \
-            else "past_key_values"
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{cache_field: cache if use_cache else None})
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})

@@ -15,7 +15,8 @@ at the phase's length) and the peak memory the phase needs: the growth of a
 fresh process's resident memory (CPU) or the CUDA allocator's peak, from before
 the model is built. fp32 on CPU, bf16 autocast on CUDA; Memory Layers on the
 fastest kernel for the device (`auto`; `--kernels auto,reference` adds the
-reference path). Workloads run in turns, best of --repeats, so a drifting
+reference path), with the tables' packed copy kept in prefill and decode as
+`megamem eval` and `generate` keep it, and not in training. Workloads run in turns, best of --repeats, so a drifting
 machine treats every one alike. --quick runs the cpu-smoke-sized pair at short
 lengths, once. Prints JSON and a table; --png draws them.
 
@@ -63,9 +64,11 @@ def workload(model, config, optimizer, part: str, phase: str, sizes: dict, devic
     both parts of a model (its state for a MemoryFormer's tables is gigabytes); a step of the block stack leaves
     the other parameters, which have no gradient then, as they are."""
     from megamem.inference.generate import generate
+    from megamem.inference.load import keep_packed_tables
     from megamem.model import lm_loss
     from megamem.model.kv_cache import KVCache
 
+    keep_packed_tables(model, keep=phase != "train")        # as megamem eval / generate, and as training
     vocab, d = config.model.vocab_size, config.model.hidden_size
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 

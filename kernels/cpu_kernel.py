@@ -15,6 +15,14 @@ hands one machine another's binary.
 
 Hash and gather-sum are separate autograd Functions, as in the reference, so
 layers that share codes (Q, K, V) add their gradients of p before the input's.
+
+Packing the tables is most of a forward's cost at a few thousand tokens (MF-tiny's
+ML2, 2k tokens: 17 ms, 6 of them the gather). A model used for inference marks its
+tables with keep_packed (megamem.inference.load_trained does): the kernel then
+keeps each marked table's packed copy, as much memory again as the tables in
+float32, and packs again only when the table has changed (its storage or version).
+Training leaves them unmarked: its tables change every step, and its memory is
+better spent on micro-batches.
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ SOURCE_DIR = Path(__file__).with_name("cpu")
 SOURCES = sorted(SOURCE_DIR.glob("*.cpp"))
 HEADERS = sorted(SOURCE_DIR.glob("*.h"))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)    # computed in float32 inside; others take the reference
+PACKED = "_megamem_packed"      # attribute of a marked tables tensor: None, or (what it was packed from, packed copy)
 
 
 @functools.cache
@@ -52,16 +61,49 @@ def extension():
                 extra_ldflags=["-fopenmp"], verbose=False)
 
 
+def keep_packed(tables: torch.Tensor, keep: bool = True) -> None:
+    """Marks `tables` [K, R, D] for a kept packed copy (see the module's docstring), or unmarks them and drops
+    their copy."""
+    if keep and not hasattr(tables, PACKED):
+        setattr(tables, PACKED, None)
+    elif not keep and hasattr(tables, PACKED):
+        delattr(tables, PACKED)
+
+
+def _packed_copy(tables: torch.Tensor, tokens: int) -> torch.Tensor | None:
+    """The packed copy of marked tables, made again if they changed; None for unmarked tables or a call that reads
+    rows in place."""
+    if not hasattr(tables, PACKED) or extension().reads_in_place(tokens, tables.shape[1]):
+        return None
+    source = (tables.data_ptr(), tables._version, tables.dtype, tables.shape)
+    kept = getattr(tables, PACKED)
+    if kept is None or kept[0] != source:
+        setattr(tables, PACKED, None)                   # the old copy goes before the new one is made
+        kept = (source, extension().pack_tables(tables))
+        setattr(tables, PACKED, kept)
+    return kept[1]
+
+
+def _hash(x, tau: int, temperature: float, weighting: str):
+    """(codes, p) of x, and the flat x and p the backward reads."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    codes, p = extension().hash(x2, tau, temperature, weighting == "l1")
+    lead = x.shape[:-1]
+    return (codes.reshape(*lead, codes.shape[-1]), p.reshape(*lead, p.shape[-1])), (x2, p)
+
+
 class _Hash(torch.autograd.Function):
     @staticmethod
+    def compute(x, tau: int, temperature: float, weighting: str):
+        return _hash(x, tau, temperature, weighting)[0]
+
+    @staticmethod
     def forward(ctx, x, tau: int, temperature: float, weighting: str):
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        codes, p = extension().hash(x2, tau, temperature, weighting == "l1")
-        ctx.save_for_backward(x2, p)
+        (codes, p), saved = _hash(x, tau, temperature, weighting)
+        ctx.save_for_backward(*saved)
         ctx.settings = (tau, temperature, weighting == "l1", x.shape)
         ctx.mark_non_differentiable(codes)
-        lead = x.shape[:-1]
-        return codes.reshape(*lead, codes.shape[-1]), p.reshape(*lead, p.shape[-1])
+        return codes, p
 
     @staticmethod
     def backward(ctx, _dcodes, dp):
@@ -71,17 +113,28 @@ class _Hash(torch.autograd.Function):
         return dx.reshape(shape), None, None, None
 
 
+def _gather_sum(codes, p, tables, bias):
+    """y, and the flat codes and p and the tables the backward reads."""
+    chunks, _, width = tables.shape
+    codes2 = codes.reshape(-1, chunks).to(torch.int16).contiguous()      # codes from another kernel too
+    p2 = p.reshape(-1, chunks).float().contiguous()
+    tables = tables.contiguous()
+    y = extension().gather_sum(codes2, p2, tables, bias.contiguous() if bias is not None else None,
+                               _packed_copy(tables, codes2.shape[0]))
+    return y.reshape(*codes.shape[:-1], width), (codes2, p2, tables)
+
+
 class _GatherSum(torch.autograd.Function):
     @staticmethod
+    def compute(codes, p, tables, bias):
+        return _gather_sum(codes, p, tables, bias)[0]
+
+    @staticmethod
     def forward(ctx, codes, p, tables, bias):
-        chunks, _, width = tables.shape
-        codes2 = codes.reshape(-1, chunks).to(torch.int16).contiguous()      # codes from another kernel too
-        p2 = p.reshape(-1, chunks).float().contiguous()
-        tables = tables.contiguous()
-        y = extension().gather_sum(codes2, p2, tables, bias.contiguous() if bias is not None else None)
-        ctx.save_for_backward(codes2, p2, tables)
+        y, saved = _gather_sum(codes, p, tables, bias)
+        ctx.save_for_backward(*saved)
         ctx.shapes = (p.shape, p.dtype, bias is not None)
-        return y.reshape(*codes.shape[:-1], width)
+        return y
 
     @staticmethod
     def backward(ctx, dy):

@@ -38,8 +38,13 @@ at::Tensor hash_backward(const at::Tensor& x, const at::Tensor& p, const at::Ten
   return megamem::hash_backward(x, p, dp, tau, temperature, l1);
 }
 
+at::Tensor pack_tables(const at::Tensor& tables) {
+  check(tables, "tables", 3);
+  return megamem::pack_tables(tables);
+}
+
 at::Tensor gather_sum(const at::Tensor& codes, const at::Tensor& p, const at::Tensor& tables,
-                      const std::optional<at::Tensor>& bias) {
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& packed) {
   check(tables, "tables", 3);
   check_codes(codes, p, tables.size(0));
   if (bias) {
@@ -47,7 +52,13 @@ at::Tensor gather_sum(const at::Tensor& codes, const at::Tensor& p, const at::Te
     TORCH_CHECK(bias->size(0) == tables.size(2) && bias->scalar_type() == tables.scalar_type(),
                 "bias must be [D] in the tables' dtype");
   }
-  return megamem::gather_sum(codes, p, tables, bias);
+  if (packed) {
+    check(*packed, "packed tables", 4);
+    TORCH_CHECK(packed->scalar_type() == at::kFloat && packed->size(1) == tables.size(0) &&
+                packed->size(2) == tables.size(1) && packed->size(0) * packed->size(3) >= tables.size(2),
+                "packed tables must come from pack_tables(tables)");
+  }
+  return megamem::gather_sum(codes, p, tables, bias, packed);
 }
 
 std::vector<at::Tensor> gather_sum_backward(const at::Tensor& dy, const at::Tensor& codes, const at::Tensor& p,
@@ -65,6 +76,9 @@ std::vector<at::Tensor> gather_sum_backward(const at::Tensor& dy, const at::Tens
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hash", &hash, "codes and p of every chunk");
   m.def("hash_backward", &hash_backward, "gradient of the input from the gradient of p");
-  m.def("gather_sum", &gather_sum, "weighted sum of retrieved rows");
+  m.def("reads_in_place", &megamem::reads_in_place, "whether gather_sum of this many tokens reads rows in place");
+  m.def("pack_tables", &pack_tables, "the tables in the layout gather_sum reads, to pass it again and again");
+  m.def("gather_sum", &gather_sum, "weighted sum of retrieved rows", py::arg("codes"), py::arg("p"), py::arg("tables"),
+        py::arg("bias"), py::arg("packed") = py::none());
   m.def("gather_sum_backward", &gather_sum_backward, "table gradients and the gradient of p");
 }

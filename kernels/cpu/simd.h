@@ -5,6 +5,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -121,6 +125,26 @@ inline void store_floats(const float* src, int64_t count, T* dst) {
   } else {
     for (int64_t i = 0; i < count; ++i) dst[i] = from_float<T>(src[i]);
   }
+}
+
+// Writes `vecs` vectors to dst past the caches (non-temporal stores), for output written once and not read
+// again soon: the cache lines are not read first. Returns false, writing nothing, where the machine has no such
+// store, dst is not vector-aligned or not float. stream_fence() orders them before the thread's later stores.
+template <typename T>
+inline bool stream_floats(const Vec* src, int vecs, T* dst) {
+#if defined(__AVX__)
+  if (!std::is_same_v<T, float> || reinterpret_cast<uintptr_t>(dst) % sizeof(Vec)) return false;
+  for (int v = 0; v < vecs; ++v) _mm256_stream_ps(reinterpret_cast<float*>(dst) + v * kLanes, reinterpret_cast<__m256>(src[v]));
+  return true;
+#else
+  return false;
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
 }
 
 }  // namespace megamem

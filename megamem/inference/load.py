@@ -34,7 +34,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", kernel: s
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
         model, config = load_exported(path, str(device), kernel)
-        return TrainedModel(model.eval(), config, path)
+        return TrainedModel(for_inference(model), config, path)
     if (path / MARKER).is_file():
         checkpoint, run_dir = path, path.parent.parent
     elif (path / "config.yaml").is_file():
@@ -50,4 +50,21 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", kernel: s
     model = build_model(config, device="meta")
     model.load_state_dict(weights, assign=True)
     model.tie_weights()
-    return TrainedModel(model.to(device).eval(), config, checkpoint)
+    return TrainedModel(for_inference(model.to(device)), config, checkpoint)
+
+
+def for_inference(model: nn.Module) -> nn.Module:
+    """In eval mode, with its Memory Layer tables marked for the CPU kernel's kept packed copy."""
+    keep_packed_tables(model)
+    return model.eval()
+
+
+def keep_packed_tables(model: nn.Module, keep: bool = True) -> None:
+    """Marks every Memory Layer table of `model` for the CPU kernel's kept packed copy, or unmarks them
+    (megamem.kernels.cpu_kernel: the copy costs as much memory as the tables, and saves packing per call)."""
+    from megamem.kernels.cpu_kernel import keep_packed
+    from megamem.model.memory_layer import MemoryLayer
+
+    for module in model.modules():
+        if isinstance(module, MemoryLayer):
+            keep_packed(module.tables, keep)

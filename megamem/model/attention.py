@@ -19,22 +19,36 @@ class Rotary(nn.Module):
     def __init__(self, head_dim: int, fraction: float, base: float):
         super().__init__()
         self.dims, self.base = int(head_dim * fraction), base
+        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None      # [P, dims] each, positions 0 .. P - 1
 
     def forward(self, x_BHSE: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Positions offset .. offset + S - 1 (offset: the positions a KV cache already holds). Frequencies are
-        recomputed per call (dims / 2 numbers), so a model built on the meta device needs no buffers."""
+        """Positions offset .. offset + S - 1 (offset: the positions a KV cache already holds)."""
         if self.dims == 0:
             return x_BHSE
-        seq, device = x_BHSE.shape[-2], x_BHSE.device
-        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dims, 2, device=device, dtype=torch.float32) / self.dims))
-        positions = torch.arange(offset, offset + seq, device=device, dtype=torch.float32)
-        angles = torch.outer(positions, inv_freq)
-        angles = torch.cat((angles, angles), dim=-1)                               # [S, dims]
-        cos, sin = angles.cos().to(x_BHSE.dtype), angles.sin().to(x_BHSE.dtype)
+        cos, sin_signed = (table[offset:offset + x_BHSE.shape[-2]]
+                           for table in self.cos_sin(offset + x_BHSE.shape[-2], x_BHSE))
         rot, rest = x_BHSE[..., : self.dims], x_BHSE[..., self.dims:]
-        half = self.dims // 2
-        rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-        return torch.cat((rot * cos + rotated_half * sin, rest), dim=-1)
+        # rotating the halves: (x1, x2) -> (-x2, x1), as a roll and the sign folded into sin
+        rotated = rot * cos + rot.roll(self.dims // 2, dims=-1) * sin_signed
+        return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
+
+    def cos_sin(self, positions: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, and sin negated on the first half, of the angles of positions 0 .. at least `positions` - 1, in
+        like's dtype and device. Kept between calls, not as buffers, so that a model built on the meta device
+        needs none: decoding asks for one position at a time, and computing them each time was a tenth of
+        MF-tiny's time per token. Tables made under inference_mode are made again for autograd, which cannot
+        save them."""
+        kept = self._cos_sin
+        if (kept is None or kept[0].shape[0] < positions or kept[0].device != like.device or kept[0].dtype != like.dtype
+                or (kept[0].is_inference() and not torch.is_inference_mode_enabled())):
+            count = max(positions, 2 * (kept[0].shape[0] if kept is not None else 0))
+            inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dims, 2, device=like.device, dtype=torch.float32)
+                                            / self.dims))
+            angles = torch.outer(torch.arange(count, device=like.device, dtype=torch.float32), inv_freq)
+            sin = angles.sin()
+            self._cos_sin = kept = (torch.cat((angles, angles), dim=-1).cos().to(like.dtype),      # [P, dims]
+                                    torch.cat((-sin, sin), dim=-1).to(like.dtype))
+        return kept
 
 
 class CausalAttention(nn.Module):
@@ -59,6 +73,8 @@ class CausalAttention(nn.Module):
             k, v = cache.extend(k, v)
         if past == 0:
             o_BHSE = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif q.shape[-2] == 1:      # the one new position sees every key
+            o_BHSE = F.scaled_dot_product_attention(q, k, v)
         else:                       # query i sits at position past + i and sees keys 0 .. past + i
             seen = torch.arange(k.shape[-2], device=q.device)[None, :] <= \
                 torch.arange(past, past + q.shape[-2], device=q.device)[:, None]

@@ -11,6 +11,10 @@ import torch
 
 from megamem.data_tools.tokenizer import ByteTokenizer
 from megamem.inference.evaluate import evaluate
+from megamem.inference.load import load_trained
+from megamem.kernels.cpu_kernel import PACKED
+from megamem.model import build_model
+from megamem.model.memory_layer import MemoryLayer
 from tests.training.runs import losses
 
 
@@ -27,6 +31,19 @@ def test_eval_of_a_run_is_its_logged_validation_loss(shards, trained, tmp_path, 
         assert got["tokens"] == 4 * 8 * 128 and got["bits_per_token"] == pytest.approx(got["loss"] / math.log(2))
     status, out, _ = megamem("eval", str(trained), "--data", str(shards), "--split", "train", "--max-batches", "2")
     assert status == 0 and "bits per byte" in out and "1,024 tokens" in out, out
+
+
+def test_a_loaded_model_keeps_its_packed_tables_and_a_built_one_does_not(trained):
+    """Inference marks every table for the CPU kernel's kept packed copy; training, whose tables change every
+    step, does not pay its memory."""
+    trained_model = load_trained(trained, kernel="cpu")
+    tables = [m.tables for m in trained_model.model.modules() if isinstance(m, MemoryLayer)]
+    assert tables and all(hasattr(t, PACKED) and getattr(t, PACKED) is None for t in tables)
+    with torch.no_grad():
+        trained_model.model(torch.zeros(16, 128, dtype=torch.long))      # more tokens than rows
+    assert all(getattr(t, PACKED) is not None for t in tables)
+    built = build_model(trained_model.config)
+    assert not any(hasattr(m.tables, PACKED) for m in built.modules() if isinstance(m, MemoryLayer))
 
 
 class Uniform(torch.nn.Module):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from megamem.kernels import get_kernel
+from megamem.kernels.cpu_kernel import PACKED, keep_packed
 from megamem.kernels.reference import ReferenceKernel
 from tests.kernels.test_fused_kernels import inputs, run
 
@@ -25,9 +26,11 @@ def test_few_and_many_tokens_match_the_reference(tokens):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=name)
 
 
-def test_results_do_not_depend_on_the_thread_count():
-    """Every sum has one owner and a fixed order, so one thread and two give the same bits."""
-    x, tables, bias, dy = inputs(600, 8, 6, 40, torch.float32, seed=5)
+@pytest.mark.parametrize("tokens", [1, 3, 600])
+def test_results_do_not_depend_on_the_thread_count(tokens):
+    """Every sum has one owner and a fixed order, so one thread and two give the same bits: with many tokens
+    (blocked copy) and with few, whose columns two threads split (rows read in place)."""
+    x, tables, bias, dy = inputs(tokens, 8, 6, 40, torch.float32, seed=5)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -84,3 +87,41 @@ def test_chunks_are_hashed_eight_at_once_with_a_short_last_group(tau, weighting)
     ref_codes, ref_p = ReferenceKernel.hash(x, tau, 1.0, weighting)
     assert torch.equal(codes.long(), ref_codes.long()) and codes[0, 0] == 2**tau - 1
     torch.testing.assert_close(p, ref_p, rtol=1e-6, atol=0)
+
+
+def test_kept_packed_tables_give_the_same_bits_and_follow_every_change():
+    """A marked table is packed once, that copy is reused while the table is unchanged, and it is made again
+    after an in-place update (an optimizer step) or for new storage; a call that reads rows in place packs
+    nothing. Outputs are bit for bit those of packing on every call."""
+    x, tables, bias, _ = inputs(700, 8, 4, 40, torch.float32, seed=2)
+
+    def y(x, tables):
+        return CPU.hash_gather_sum(x, tables, bias, 8, 1.0, "l1")
+
+    marked = tables.clone()
+    keep_packed(marked)
+    y(x[:3], marked)
+    assert getattr(marked, PACKED) is None
+    assert torch.equal(y(x, marked), y(x, tables))
+    packed = getattr(marked, PACKED)[1]
+    y(x, marked)
+    assert getattr(marked, PACKED)[1] is packed
+    with torch.no_grad():
+        marked.mul_(-2.0)
+        tables.mul_(-2.0)
+    assert torch.equal(y(x, marked), y(x, tables))
+    assert getattr(marked, PACKED)[1] is not packed
+    marked.data = tables.clone() + 1.0
+    assert torch.equal(y(x, marked), y(x, tables + 1.0))
+
+
+def test_without_autograd_the_kernel_runs_outside_autograd_with_the_same_results():
+    """Evaluation and decoding skip Function.apply: the same bits, and outputs that record no graph."""
+    x, tables, bias, _ = inputs(5, 8, 4, 40, torch.float32, seed=3)
+    tables.requires_grad_()
+    recorded = CPU.hash_gather_sum(x, tables, bias, 8, 1.0, "l1")
+    with torch.no_grad():
+        plain = CPU.hash_gather_sum(x, tables, bias, 8, 1.0, "l1")
+        codes, p = CPU.hash(x, 8, 1.0, "l1")
+    assert recorded.grad_fn is not None and plain.grad_fn is None and torch.equal(recorded.detach(), plain)
+    assert torch.equal(CPU.gather_sum(codes, p, tables, bias).detach(), plain)

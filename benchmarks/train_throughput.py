@@ -3,12 +3,13 @@
 For each pair (MF-tiny / Pythia-70M; MF-small / Pythia-160M with --models
 tiny,small), each part (the block stack alone, and the whole model with its
 embedding and classifier head) and each phase:
-  prefill512, prefill2048  forward tokens/s at that sequence length (batches of --batch-tokens tokens);
+  prefill512, prefill2048  forward tokens/s at that sequence length (batches of 2,048 tokens, 128 --quick);
   decode                   batch-1 tokens/s of `megamem generate` (KV cache): 128-token prompt, 128 new tokens,
                            timed from the first new token to the last;
   train                    tokens/s of a full step of the config's global batch (train.global_batch_size
-                           sequences of seq 512): forward and backward timed on batches of --batch-tokens
-                           tokens, the AdamW step on its own; that step updates every table row, so it weighs
+                           sequences of seq 512): forward and backward timed on micro-batches of the
+                           config's train.micro_batch_size sequences (16 in the shipped configs: 8,192
+                           tokens), the AdamW step on its own; that step updates every table row, so it weighs
                            on a MemoryFormer (a billion table parameters at MF-small) until batches are large;
 with the counted MACs per token (megamem flops; attention over the full square
 at the phase's length) and the peak memory the phase needs: the growth of a
@@ -115,8 +116,7 @@ def workload(model, config, optimizer, part: str, phase: str, sizes: dict, devic
                 return new, seconds_of(lambda: [blocks(x, cache) for x in steps])
         return decode_whole if part == "whole" else decode_blocks
 
-    seq = sizes["train"]
-    batch = max(1, sizes["batch_tokens"] // seq)
+    seq, batch = sizes["train"], config.train.micro_batch_size
     data = torch.randint(vocab, (batch, seq + 1), device=device)
     hidden = torch.randn(batch, seq, d, device=device)
     step_tokens = config.train.global_batch_size * seq
@@ -349,7 +349,7 @@ def main() -> None:
         draw(rows, Path(args.png), f"{args.device}, {result['dtype']}, {result['threads']} threads")
     print(f"\n{args.device}, {result['dtype']}, {result['threads']} threads; prefill in batches of "
           f"{sizes['batch_tokens']} tokens, decode {sizes['prompt']} + {sizes['new']}, train seq {sizes['train']} "
-          f"(a step: train.global_batch_size sequences)")
+          f"(micro-batches of train.micro_batch_size sequences, a step of train.global_batch_size)")
     print(f"{'model':<13}{'kernel':<11}{'part':<8}{'phase':<13}{'tokens/s':>12}{'MACs/token':>14}{'peak GB':>9}"
           f"{'  train: fwd+bwd tokens/s, AdamW ms':>36}")
     for r in rows:

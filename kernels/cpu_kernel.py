@@ -6,8 +6,9 @@ torch ops it is several times slower than nn.Linear. The C++ kernels hash with
 vectorized exponentials and gather from a column-blocked copy of the tables that
 keeps row reads in L2 (see the comment at the top of cpu/gather_sum.cpp). They
 keep that copy and their index buffers between calls, one set per calling thread,
-sized for the largest layer served: about twice the largest layer's tables in
-float32 during training, plus a token tile of up to 2 MB per worker thread. The
+sized for the largest layer served: about the largest layer's tables in float32
+(twice that for a backward of more than 16k tokens), plus a token tile of up to
+2 MB per worker thread. The
 C++ sources are compiled on first use with torch's extension builder (gcc, ninja)
 for this machine's instruction set and cached; the cache name carries a hash of
 the sources and of the CPU's feature flags, so a shared home directory never

@@ -22,8 +22,9 @@ ML2, 2k tokens: 17 ms, 6 of them the gather). A model used for inference marks i
 tables with keep_packed (megamem.inference.load_trained does): the kernel then
 keeps each marked table's packed copy, as much memory again as the tables in
 float32, and packs again only when the table has changed (its storage or version).
-Training leaves them unmarked: its tables change every step, and its memory is
-better spent on micro-batches.
+A write through `tables.data` changes neither, so code that updates a marked table
+that way unmarks it first (keep_packed(tables, False)). Training leaves tables
+unmarked: they change every step, and its memory is better spent on micro-batches.
 """
 from __future__ import annotations
 

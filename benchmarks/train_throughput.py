@@ -17,9 +17,10 @@ fresh process's resident memory (CPU) or the CUDA allocator's peak, from before
 the model is built. fp32 on CPU, bf16 autocast on CUDA; Memory Layers on the
 fastest kernel for the device (`auto`; `--kernels auto,reference` adds the
 reference path), with the tables' packed copy kept in prefill and decode as
-`megamem eval` and `generate` keep it, and not in training. Workloads run in turns, best of --repeats, so a drifting
-machine treats every one alike. --quick runs the cpu-smoke-sized pair at short
-lengths, once. Prints JSON and a table; --png draws them.
+`megamem eval` and `generate` keep it, and not in training. Workloads run in
+turns, best of --repeats, so a drifting machine treats every one alike. --quick
+runs the cpu-smoke-sized pair at short lengths, once. Prints JSON and a table;
+--png draws them.
 
     python benchmarks/train_throughput.py --device cpu --json out.json --png out.png
 """

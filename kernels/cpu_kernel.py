@@ -8,11 +8,10 @@ keeps row reads in L2 (see the comment at the top of cpu/gather_sum.cpp). They
 keep that copy and their index buffers between calls, one set per calling thread,
 sized for the largest layer served: about the largest layer's tables in float32
 (twice that for a backward of more than 16k tokens), plus a token tile of up to
-2 MB per worker thread. The
-C++ sources are compiled on first use with torch's extension builder (gcc, ninja)
-for this machine's instruction set and cached; the cache name carries a hash of
-the sources and of the CPU's feature flags, so a shared home directory never
-hands one machine another's binary.
+2 MB per worker thread. The C++ sources are compiled on first use with torch's
+extension builder (gcc, ninja) for this machine's instruction set and cached; the
+cache name carries a hash of the sources and of the CPU's feature flags, so a
+shared home directory never hands one machine another's binary.
 
 Hash and gather-sum are separate autograd Functions, as in the reference, so
 layers that share codes (Q, K, V) add their gradients of p before the input's.

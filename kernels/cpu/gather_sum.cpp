@@ -49,10 +49,10 @@ struct Layout {
   int64_t block_vecs() const { return chunks * rows * kVecs; }
 };
 
-Layout layout_of(const at::Tensor& codes, const at::Tensor& tables) {
+Layout layout_of(int64_t tokens, const at::Tensor& tables) {
   const int64_t chunks = tables.size(0), rows = tables.size(1), width = tables.size(2);
   const int64_t group = std::clamp<int64_t>(kGroupBytes / (rows * kRowBytes), 1, std::min(kGroupTables, chunks));
-  return {codes.size(0), chunks, rows, width, (width + kBlock - 1) / kBlock, group, kTileBytes / kRowBytes};
+  return {tokens, chunks, rows, width, (width + kBlock - 1) / kBlock, group, kTileBytes / kRowBytes};
 }
 
 // What each kept buffer holds; forward and backward share the slots of the same role.
@@ -156,8 +156,8 @@ constexpr int64_t kSumFloats = 512;               // columns summed at a time: t
 constexpr int64_t kTablesAhead = 4;
 
 template <typename T>
-void gather_sum_in_place(const int16_t* codes, const float* p, const T* tables, const Vec*, const T* bias,
-                         const Layout& s, T* y) {
+void gather_sum_in_place(const int16_t* codes, const float* p, const T* tables, const T* bias, const Layout& s,
+                         T* y) {
   if (s.tokens == 0 || s.width == 0) return;
   const int64_t lines = (s.width + 15) / 16;                       // 64-byte lines of float columns
   const int64_t pieces = std::clamp<int64_t>((at::get_num_threads() + s.tokens - 1) / s.tokens, 1, lines);
@@ -365,7 +365,7 @@ void gather_sum_backward_blocked(const T* dy, const int16_t* codes, const float*
 bool reads_in_place(int64_t tokens, int64_t rows) { return tokens < rows; }
 
 at::Tensor pack_tables(const at::Tensor& tables) {
-  const Layout s = layout_of(tables.new_empty({0, tables.size(0)}, at::kShort), tables);
+  const Layout s = layout_of(0, tables);
   auto packed = at::empty({s.blocks, s.chunks, s.rows, kBlock}, tables.options().dtype(at::kFloat));
   dispatch(tables.scalar_type(), "pack_tables", [&](auto element) {
     using T = decltype(element);
@@ -376,21 +376,25 @@ at::Tensor pack_tables(const at::Tensor& tables) {
 
 at::Tensor gather_sum(const at::Tensor& codes, const at::Tensor& p, const at::Tensor& tables,
                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& packed) {
-  const Layout s = layout_of(codes, tables);
+  const Layout s = layout_of(codes.size(0), tables);
   auto y = at::empty({s.tokens, s.width}, tables.options());
   dispatch(tables.scalar_type(), "gather_sum", [&](auto element) {
     using T = decltype(element);
     const T* b = bias ? bias->data_ptr<T>() : nullptr;
-    const auto run = reads_in_place(s.tokens, s.rows) ? gather_sum_in_place<T> : gather_sum_blocked<T>;
-    const Vec* blocked = packed ? reinterpret_cast<const Vec*>(packed->data_ptr<float>()) : nullptr;
-    run(codes.data_ptr<int16_t>(), p.data_ptr<float>(), tables.data_ptr<T>(), blocked, b, s, y.data_ptr<T>());
+    if (reads_in_place(s.tokens, s.rows)) {
+      gather_sum_in_place<T>(codes.data_ptr<int16_t>(), p.data_ptr<float>(), tables.data_ptr<T>(), b, s, y.data_ptr<T>());
+    } else {
+      const Vec* blocked = packed ? reinterpret_cast<const Vec*>(packed->data_ptr<float>()) : nullptr;
+      gather_sum_blocked<T>(codes.data_ptr<int16_t>(), p.data_ptr<float>(), tables.data_ptr<T>(), blocked, b, s,
+                            y.data_ptr<T>());
+    }
   });
   return y;
 }
 
 std::vector<at::Tensor> gather_sum_backward(const at::Tensor& dy, const at::Tensor& codes, const at::Tensor& p,
                                             const at::Tensor& tables) {
-  const Layout s = layout_of(codes, tables);
+  const Layout s = layout_of(codes.size(0), tables);
   auto dp = at::empty({s.tokens, s.chunks}, p.options());
   if (s.tokens == 0) return {at::zeros_like(tables), dp};     // the kernel writes table gradients on its last tile
   auto dtables = at::empty_like(tables);

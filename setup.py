@@ -29,8 +29,8 @@ setup(
                       "deepspeed>=0.14", "tensorboard", "safetensors", "ninja", "psutil"],
     extras_require={"eval": ["lm-eval>=0.4.13", "transformers>=5", "accelerate>=0.26"],
                     "bench": ["matplotlib>=3.7"],
-                    "test": ["pytest>=7", "hypothesis>=6", "triton", "ruff>=0.6", "lm-eval>=0.4.13", "transformers>=5",
-                             "accelerate>=0.26", "matplotlib>=3.7"]},
+                    "test": ["pytest>=7", "pytest-xdist>=3.5", "hypothesis>=6", "triton", "ruff>=0.6",
+                             "lm-eval>=0.4.13", "transformers>=5", "accelerate>=0.26", "matplotlib>=3.7"]},
     package_data={"megamem.kernels": ["cpu/*.cpp", "cpu/*.h"]},
     entry_points={"console_scripts": ["megamem=megamem.cli.main:main"]},
 )

@@ -3,12 +3,13 @@
 `MEGAMEM_FAULT=POINT:ACTION:N` acts the N-th time this process reaches POINT
 (`N+`: that time and every time after):
 `kill` sends itself SIGKILL (a node losing power, the OOM killer), `enospc`
-raises the error a full disk gives; at `loss`, a micro-batch's loss, `nan`
-makes it not finite and `spike` ten times larger. The other points sit where a
-failure is hardest to survive: each file of a checkpoint (`checkpoint-file`),
-just before the marker that completes it (`checkpoint-marker`), and while an
-old one is being removed (`checkpoint-prune`). Unset, a point costs one
-environment lookup.
+raises the error a full disk gives, `cut` leaves the first half of the file
+being written on disk and then sends SIGKILL (a kill in the middle of a write);
+at `loss`, a micro-batch's loss, `nan` makes it not finite and `spike` ten
+times larger. The other points sit where a failure is hardest to survive: each
+file of a checkpoint (`checkpoint-file`), just before the marker that completes
+it (`checkpoint-marker`), and before each file of an old one is removed
+(`checkpoint-prune`). Unset, a point costs one environment lookup.
 """
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ import errno
 import os
 import signal
 from collections import Counter
+from pathlib import Path
 
 from megamem.errors import MegamemError
 
 LOSS_FACTORS = {"nan": float("nan"), "spike": 10.0}
-ACTIONS = ("kill", "enospc", *LOSS_FACTORS)
+ACTIONS = ("kill", "enospc", "cut", *LOSS_FACTORS)
 _reached: Counter[str] = Counter()
 
 
@@ -51,6 +53,15 @@ def fault_point(name: str) -> str | None:
     if spec[1] == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     return spec[1]
+
+
+def cut_short(path: Path) -> None:
+    """What the `cut` action does once its file is written: half its bytes stay on disk, then SIGKILL."""
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def spoiled_loss(loss):

@@ -1,7 +1,7 @@
 // Python bindings of the CPU Memory Layer: argument checks, then the kernels of hash.cpp and gather_sum.cpp.
 #include "memory_layer.h"
 
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>      // pybind11 with torch types, without all of <torch/extension.h>
 
 namespace {
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from megamem.durable import atomic_write, digest_problem, fsync_and_digest, fsync_directory
 from megamem.errors import MegamemError
-from megamem.faults import fault_point
+from megamem.faults import cut_short, fault_point
 
 MARKER = "megamem.json"
 
@@ -121,8 +121,10 @@ class CheckpointWriter:
         if self.failure is not None:            # counted, for the space it would need, but not written
             return
         try:
-            fault_point("checkpoint-file")
+            fault = fault_point("checkpoint-file")
             save(state, path)
+            if fault == "cut":
+                cut_short(Path(path))
             self.files[path] = fsync_and_digest(Path(path))
         except WRITE_ERRORS as err:
             self.failure = f"writing {path} failed: {_reason(err)}"
@@ -231,7 +233,9 @@ def _remove(path: Path) -> None:
         return
     (path / MARKER).unlink(missing_ok=True)
     fsync_directory(path)
-    fault_point("checkpoint-prune")
+    for file in sorted(p for p in path.rglob("*") if not p.is_dir()):
+        fault_point("checkpoint-prune")
+        file.unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -285,18 +289,20 @@ def _sharding(layout: dict) -> str:
             + f", {layout.get('dp', 1)} data-parallel replica(s), ZeRO {layout.get('zero_stage', 0)}")
 
 
-def load_checkpoint(engine, path: Path, marker: dict, layout: dict) -> None:
-    """Restore engine state and this rank's RNG from the checkpoint `marker` (its megamem.json) describes.
-
-    A checkpoint whose parameters were split another way is refused before DeepSpeed reads it: each rank's
-    files hold the shards of the layout that wrote them.
-    """
+def check_same_layout(path: Path, marker: dict, layout: dict) -> None:
+    """Each rank's files hold the shards of the layout that wrote them: another layout cannot load them."""
     saved, now = _sharding(marker.get("layout", {})), _sharding(layout)
     if saved != now:
         raise MegamemError(f"{path} was written with {saved}; this run has {now}, and a checkpoint's shards load only "
                            f"into the layout that wrote them. Fix: resume with {saved}, or re-cut it with `megamem "
                            f"reshard {path.parent.parent} --tp T --pp P [--set parallel.zero_stage=Z] --output "
                            f"NEW_RUN` and train NEW_RUN/config.yaml")
+
+
+def load_checkpoint(engine, path: Path, marker: dict, layout: dict) -> None:
+    """Restore engine state and this rank's RNG from the checkpoint `marker` (its megamem.json) describes, after
+    refusing one of another layout before DeepSpeed reads it."""
+    check_same_layout(path, marker, layout)
     loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                        load_lr_scheduler_states=True)
     if loaded is None:

@@ -146,7 +146,7 @@ def run_training(config, resume: str) -> None:
     from megamem.training.deepspeed_config import deepspeed_config
     from megamem.training.metrics import MetricsLogger
     from megamem.training.optimizer import build_optimizer, build_scheduler
-    from megamem.training.trainer import Trainer
+    from megamem.training.trainer import Trainer, check_resumable
 
     spec, manifests = open_training_data(config)
     run_dir = Path(config.run.dir)
@@ -166,6 +166,8 @@ def run_training(config, resume: str) -> None:
     state.build_groups()
 
     resume_from = find_resume(run_dir, resume)
+    if resume_from is not None:
+        check_resumable(resume_from, config, state)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")

@@ -111,7 +111,8 @@ class LocalRanks:
 
     def _end_after_failure(self, first: RankExit) -> int:
         """Name the lost rank (and a stalled one: a rank that SIGSTOP froze makes its peers time out first), give the
-        others RANK_GRACE_S to exit, then kill them."""
+        others that still run RANK_GRACE_S to exit, then kill them; a stopped rank cannot exit, so it is not waited
+        for."""
         if self.signals.count("SIGINT") > 1:         # the ranks did as asked
             self._kill_remaining()
             print("megamem train: aborted by a second Ctrl-C, without a checkpoint", file=sys.stderr)
@@ -119,7 +120,8 @@ class LocalRanks:
         failed_at = time.monotonic()
         stalled = [rank for rank, process in enumerate(self.processes)
                    if process.poll() is None and _stopped(process.pid)]
-        while time.monotonic() - failed_at < RANK_GRACE_S and any(p.poll() is None for p in self.processes):
+        running = [process for rank, process in enumerate(self.processes) if rank not in stalled]
+        while time.monotonic() - failed_at < RANK_GRACE_S and any(p.poll() is None for p in running):
             time.sleep(POLL_S)
         killed = self._kill_remaining()
         codes = {process.returncode for process in self.processes}
@@ -130,8 +132,13 @@ class LocalRanks:
         if stalled:
             lost = (f"rank(s) {', '.join(map(str, stalled))} stopped responding (process stopped, e.g. by SIGSTOP), "
                     f"so {lost} after train.collective_timeout_s")
-        rest = f"; killed rank(s) {', '.join(map(str, killed))} still running after {RANK_GRACE_S:.0f} s" if killed \
+        cut_off = [rank for rank, process in enumerate(self.processes)
+                   if process.returncode == LOST_PEERS_EXIT and rank != first.rank]
+        rest = f"; rank(s) {', '.join(map(str, cut_off))} exited {LOST_PEERS_EXIT} (lost their peers)" if cut_off \
             else ""
+        running_killed = [rank for rank in killed if rank not in stalled]
+        if running_killed:
+            rest += f"; killed rank(s) {', '.join(map(str, running_killed))} still running after {RANK_GRACE_S:.0f} s"
         from megamem.training.checkpoint import complete_checkpoints
 
         saved = complete_checkpoints(self.run_dir)

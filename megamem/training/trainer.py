@@ -33,6 +33,7 @@ from megamem.training.checkpoint import (
     MARKER,
     CheckpointNotSaved,
     check_files,
+    check_same_layout,
     check_same_model,
     load_checkpoint,
     save_checkpoint,
@@ -185,10 +186,7 @@ class Trainer:
         return (total[0] / total[1]).item()
 
     def layout(self) -> dict:
-        """What a checkpoint records of the run's layout (megamem export joins its shards by it)."""
-        par, memoryformer = self.config.parallel, self.config.model.arch == "memoryformer"
-        return {"tp": self.state.tp, "pp": self.state.pp, "dp": self.state.dp, "zero_stage": par.zero_stage,
-                "table_sharding": par.table_sharding if memoryformer else None}
+        return run_layout(self.config, self.state)
 
     def save(self, last: bool) -> None:
         """`last`: the run ends after it (its final step, or a stop), so a failed write ends the run non-zero."""
@@ -316,6 +314,22 @@ class Trainer:
                 asked = self.stop.signal_name or "a signal to another rank"
                 self.logger.message(f"stopping at step {self.step} on request ({asked}); resume with --resume auto")
                 return
+
+
+def run_layout(config: Config, state: ParallelState) -> dict:
+    """What a checkpoint records of the run's layout (megamem export joins its shards by it)."""
+    par, memoryformer = config.parallel, config.model.arch == "memoryformer"
+    return {"tp": state.tp, "pp": state.pp, "dp": state.dp, "zero_stage": par.zero_stage,
+            "table_sharding": par.table_sharding if memoryformer else None}
+
+
+def check_resumable(path: Path, config: Config, state: ParallelState) -> None:
+    """Refuse a checkpoint of another model, or of another layout unless megamem reshard wrote it, before the run
+    writes anything into its directory (its config.yaml stays the one that wrote the checkpoint)."""
+    marker = json.loads((path / MARKER).read_text())
+    check_same_model(path, marker, dataclasses.asdict(config.model))
+    if not is_universal(marker):
+        check_same_layout(path, marker, run_layout(config, state))
 
 
 def _memory_gb() -> float:

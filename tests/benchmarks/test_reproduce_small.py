@@ -8,12 +8,11 @@ import subprocess
 import sys
 
 from tests.paths import REPO
-from tests.training.conftest import shards  # noqa: F401
 
 KEYS = {"valid_loss", "bits_per_byte", "tokens", "macs_per_token", "table_params", "other_params", "seconds"}
 
 
-def test_quick_reproduction_reports_each_variant_and_resumes(shards, tmp_path):  # noqa: F811
+def test_quick_reproduction_reports_each_variant_and_resumes(shards, tmp_path):
     command = [sys.executable, "benchmarks/reproduce_small.py", "--quick", "--data", str(shards), "--out",
                str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
-from megamem.config import ConfigError, load_config, save_config
+from megamem.config import Config, ConfigError, config_to_dict, load_config, save_config
 from tests.paths import CONFIGS
 
 
@@ -16,9 +17,28 @@ def write(tmp_path):
     return write
 
 
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of every leaf of a nested mapping."""
+    leaves = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            leaves.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    load_config([path])
+    """Every value the file sets is what was loaded, and every key it leaves out has the schema's default."""
+    loaded = _leaves(config_to_dict(load_config([path])))
+    written = _leaves(yaml.safe_load(path.read_text()))
+    defaults = _leaves(config_to_dict(Config()))
+    assert set(written) <= set(loaded), set(written) - set(loaded)
+    for key, value in loaded.items():
+        assert value == written.get(key, defaults[key]), key
+    if "memoryformer" in path.name:             # what ships: bf16, the fastest kernel here, l1 weighting
+        assert (loaded["train.precision"], loaded["model.kernel"], loaded["model.weighting"]) == ("bf16", "auto", "l1")
 
 
 def test_files_merge_in_order_then_overrides_win(write):

@@ -1,19 +1,31 @@
-"""A model trained here on the training tests' corpus, and the megamem command run in this process."""
+"""A model trained here on the training tests' corpus, its Hugging Face export, and the megamem command run in this
+process."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from megamem.cli.main import main
-from tests.training.conftest import shards  # noqa: F401
 from tests.training.runs import train
 
 
 @pytest.fixture(scope="session")
-def trained(shards, tmp_path_factory):  # noqa: F811
+def trained(shards, shared):
     """cpu-smoke after 6 steps, validated at the last."""
-    run = tmp_path_factory.mktemp("run")
-    train(shards, run, "train.eval_interval=1000", steps=6)
-    return run
+    def make(run: Path) -> None:
+        train(shards, run, "train.eval_interval=1000", steps=6)
+
+    return shared.once("run-trained", make)[0]
+
+
+@pytest.fixture(scope="session")
+def trained_hf(trained, shared):
+    """`trained` as `megamem export --format hf` writes it (run in this process)."""
+    def make(out: Path) -> None:
+        assert main(["export", str(trained), "--format", "hf", "--output", str(out / "export")]) == 0
+
+    return shared.once("trained-hf", make)[0] / "export"
 
 
 @pytest.fixture

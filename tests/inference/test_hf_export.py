@@ -71,13 +71,17 @@ def dense(shards, tmp_path_factory):
 @pytest.mark.parametrize("arch", ["memoryformer", "dense"])
 def test_transformers_loads_the_export_without_megamem(arch, request, tmp_path, megamem):
     run = request.getfixturevalue("trained" if arch == "memoryformer" else "dense")
-    status, _, err = megamem("export", str(run), "--format", "hf", "--output", str(tmp_path / "hf"))
-    assert status == 0, err
-    assert {p.name for p in (tmp_path / "hf").iterdir()} == {
+    if arch == "memoryformer":
+        export = request.getfixturevalue("trained_hf")            # the same command, run once for the session
+    else:
+        export = tmp_path / "hf"
+        status, _, err = megamem("export", str(run), "--format", "hf", "--output", str(export))
+        assert status == 0, err
+    assert {p.name for p in export.iterdir()} == {
         "config.json", "generation_config.json", "model.safetensors", "modeling_megamem.py", "tokenizer.json",
         "tokenizer_config.json"}
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", IN_TRANSFORMERS, str(tmp_path / "hf"), TEXT, str(PROMPT),
+    result = subprocess.run([sys.executable, "-c", IN_TRANSFORMERS, str(export), TEXT, str(PROMPT),
                              str(NEW_TOKENS), str(tmp_path / "out.pt")], env=env, capture_output=True, text=True,
                             timeout=300, cwd=tmp_path)     # not the repository: its kernels/ would shadow a package
     assert result.returncode == 0, result.stderr[-3000:]

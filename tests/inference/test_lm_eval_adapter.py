@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from megamem.inference.evaluate import evaluate
+from megamem.inference.generate import generate
 from tests.paths import REPO
 
 pytest.importorskip("lm_eval")
@@ -56,11 +57,21 @@ def test_log_likelihoods_are_the_evaluated_losses(adapter):
 
 
 def test_generate_until_stops_at_the_stop_string(adapter):
+    """The stop string is taken from the model's own continuation a few characters in, at its first occurrence
+    there, so the text must be exactly what comes before it: not empty, and without it. The continuation is drawn
+    (temperature 1, decoding's fixed seed): a briefly trained model's greedy one repeats a single character."""
+    tokenizer = adapter.tokenizer
+    free = tokenizer.decode(generate(adapter.model, tokenizer.encode("def ").tolist(), 32, tokenizer.vocab_size,
+                                     tokenizer.eod_id, temperature=1.0))
+    cut = next(i for i in range(3, len(free) - 2) if free.find(free[i:i + 3]) == i)
+    options = {"until": [free[cut:cut + 3]], "max_gen_toks": 32, "temperature": 1.0}
+    [text] = adapter.generate_until(_requests(("def ", options)))
+    assert text == free[:cut] and text, (text, free)
     [text] = adapter.generate_until(_requests(("def ", {"until": ["("], "max_gen_toks": 32})))
     assert "(" not in text and len(text) <= 32
 
 
-def test_a_local_task_runs_offline_through_megamem_lm_eval_and_lm_eval_on_the_export(trained, tmp_path):
+def test_a_local_task_runs_offline_through_megamem_lm_eval_and_lm_eval_on_the_export(trained, trained_hf, tmp_path):
     """`megamem lm-eval --model megamem` on the run, and lm-eval's own CLI with its `hf` backend on the run's
     `megamem export --format hf`, score every choice alike."""
     docs = [{"question": "def add(a, b):\n    return a", "choices": [" + b", " ** zebra"], "answer": 0},
@@ -79,23 +90,23 @@ doc_to_target: "{{{{answer}}}}"
 metric_list:
   - metric: acc
 """)
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"),
                OMP_NUM_THREADS="1")
-    hf_export = tmp_path / "export"
-    assert subprocess.run([sys.executable, "-m", "megamem.cli.main", "export", str(trained), "--format", "hf",
-                           "--output", str(hf_export)], cwd=REPO, capture_output=True).returncode == 0
     task = ["--tasks", "megamem_local_choice", "--include_path", str(tmp_path), "--batch_size", "4", "--log_samples"]
     commands = {"megamem": ([sys.executable, "-m", "megamem.cli.main", "lm-eval", "--model", "megamem",
                              "--model_args", f"path={trained}"], REPO),
                 # lm-eval as users run it, away from the repository (whose kernels/ would shadow a package)
                 "hf": ([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-                        f"pretrained={hf_export},trust_remote_code=True,dtype=float32", "--device", "cpu"], tmp_path)}
-    scores = {}
+                        f"pretrained={trained_hf},trust_remote_code=True,dtype=float32", "--device", "cpu"], tmp_path)}
+    outputs = {}
     for backend, (command, cwd) in commands.items():
         result = subprocess.run([*command, *task, "--output_path", str(tmp_path / backend)], cwd=cwd, env=env,
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
-        assert "megamem_local_choice" in result.stdout and "acc" in result.stdout, result.stdout[-3000:]
+        outputs[backend] = result.stdout
+    scores = {}
+    for backend, stdout in outputs.items():
+        assert "megamem_local_choice" in stdout and "acc" in stdout, stdout[-3000:]
         [saved] = (tmp_path / backend).rglob("results_*.json")
         assert "acc,none" in json.loads(saved.read_text())["results"]["megamem_local_choice"]
         [samples] = (tmp_path / backend).rglob("samples_*.jsonl")

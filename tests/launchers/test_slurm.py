@@ -15,13 +15,11 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import pytest
 
-from megamem.data_tools.preprocess import PreprocessArgs, preprocess
 from megamem.ports import free_port
 from tests.paths import REPO
 
@@ -39,11 +37,12 @@ def ensure_installed() -> None:
                    capture_output=True)
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    """A running one-node cluster; yields the environment that points its clients at it."""
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A running one-node cluster, one for the module's jobs; yields the environment that points its clients at
+    it."""
     ensure_installed()
-    root = tmp_path / "slurm"
+    root = tmp_path_factory.mktemp("slurm")
     (root / "state").mkdir(parents=True)
     (root / "spool").mkdir()
     key = Path("/etc/munge/munge.key")
@@ -112,15 +111,11 @@ def wait_for(job: str, env: dict, timeout: float) -> dict[str, str]:
     ("deepspeed", 1, "", "on 2 rank(s) (dp=2"),
     ("srun", 2, "parallel.pp=2", "on 2 rank(s) (pp=2, dp=1"),
 ])
-def test_sbatch_trains_two_ranks_and_checkpoints(cluster, tmp_path, mode, tasks_per_node, layout, described):
+def test_sbatch_trains_two_ranks_and_checkpoints(cluster, shards, tmp_path, mode, tasks_per_node, layout, described):
     """deepspeed: one task per node runs the deepspeed launcher, data-parallel; srun: one task per rank, two
     pipeline stages."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    data = tmp_path / "data"
-    preprocess(PreprocessArgs([str(stdlib / "json"), str(stdlib / "email")], str(data), seq_len=128,
-                              valid_fraction=0.1))
     run = tmp_path / "run"
-    settings = (f"data.path={data} run.dir={run} train.steps=6 train.global_batch_size=16 logging.interval=2 "
+    settings = (f"data.path={shards} run.dir={run} train.steps=6 train.global_batch_size=16 logging.interval=2 "
                 f"data.num_workers=0 {layout}")
     env = dict(cluster, MEGAMEM_CONFIG="configs/cpu-smoke.yaml", MEGAMEM_SET=settings, GPUS_PER_NODE="2",
                MEGAMEM_MODE=mode, MEGAMEM_VENV=str(Path(sys.executable).parents[1]), OMP_NUM_THREADS="1",
@@ -140,15 +135,15 @@ def test_sbatch_trains_two_ranks_and_checkpoints(cluster, tmp_path, mode, tasks_
     assert steps == [0, 2, 4, 6]
 
 
-def test_preempted_job_checkpoints_and_its_requeued_run_resumes(cluster, tmp_path):
+PREEMPTED_STEPS = 40        # requeued at step 5 or so, well before the end
+
+
+def test_preempted_job_checkpoints_and_its_requeued_run_resumes(cluster, shards, tmp_path):
     """`scontrol requeue` terminates the job as a preemption does (SIGTERM, then SIGKILL after KillWait) and queues it
     again; --requeue in the script allows that, and the rerun resumes from the checkpoint written on SIGTERM."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    data = tmp_path / "data"
-    preprocess(PreprocessArgs([str(stdlib / "json"), str(stdlib / "email")], str(data), seq_len=128,
-                              valid_fraction=0.1))
     run = tmp_path / "run"
-    settings = (f"data.path={data} run.dir={run} train.steps=120 train.global_batch_size=16 logging.interval=1 "
+    settings = (f"data.path={shards} run.dir={run} train.steps={PREEMPTED_STEPS} train.global_batch_size=16 "
+                f"logging.interval=1 "
                 f"data.num_workers=0 checkpoint.interval=1000 train.eval_interval=1000")
     env = dict(cluster, MEGAMEM_CONFIG="configs/cpu-smoke.yaml", MEGAMEM_SET=settings, GPUS_PER_NODE="2",
                MEGAMEM_VENV=str(Path(sys.executable).parents[1]), OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
@@ -169,8 +164,8 @@ def test_preempted_job_checkpoints_and_its_requeued_run_resumes(cluster, tmp_pat
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", log[-4000:]
     assert "stopping at step" in log and "resumed from" in log and "(restart 1)" in log, log[-4000:]
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert steps[-1] == 120 and sorted(set(steps)) == list(range(0, 121))
-    assert (run / "checkpoints" / "step-00000120" / "megamem.json").is_file()
+    assert steps[-1] == PREEMPTED_STEPS and sorted(set(steps)) == list(range(0, PREEMPTED_STEPS + 1))
+    assert (run / "checkpoints" / f"step-{PREEMPTED_STEPS:08d}" / "megamem.json").is_file()
 
 
 def release_when_pending(job: str, env: dict, timeout: float = 120) -> None:

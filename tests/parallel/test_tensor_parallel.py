@@ -11,60 +11,35 @@ a missing reduction or a gradient summed twice would give (order 1).
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from megamem.ports import free_port
-from tests.paths import REPO
-
-WORKER = REPO / "tests/parallel/tp_worker.py"
-
-
-def run(tmp_path, nproc: int, scenario: str, *args: str) -> dict:
-    out = tmp_path / f"{scenario}-{nproc}-{'-'.join(args)}.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                             "--master_port", str(free_port()), str(WORKER), scenario, str(out), *args],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return json.loads(out.read_text())
+from tests.parallel.worlds import BYTES_TP, COLLECTIVES_TP, LAYER_CASES, MODEL_CASES
 
 
 def close(stats: dict, rel: float = 1e-5) -> bool:
     return stats.get("shape_equal", True) and stats["abs"] <= rel * max(stats["scale"], 1e-12)
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-def test_collectives_forward_and_backward_equal_one_process(tmp_path, tp):
-    result = run(tmp_path, tp, "collectives")
+@pytest.mark.parametrize("tp", COLLECTIVES_TP)
+def test_collectives_forward_and_backward_equal_one_process(worlds, tp):
+    result = worlds.result(tp, "collectives")
     assert set(result) == {"all_gather", "reduce_scatter", "all_to_all", "all_reduce", "replicated_grad"}
     for name, directions in result.items():
         for direction, stats in directions.items():
             assert close(stats, 1e-12), (name, direction, stats)
 
 
-@pytest.mark.parametrize("layout, tp, kernel", [("column", 2, "reference"), ("column", 4, "reference"),
-                                                ("table", 2, "reference"), ("table", 4, "reference"),
-                                                ("column", 2, "cpu"), ("table", 2, "cpu")])
-def test_split_memory_layer_equals_the_whole(tmp_path, layout, tp, kernel):
-    result = run(tmp_path, tp, "layer", layout, kernel)
+@pytest.mark.parametrize("layout, tp, kernel", LAYER_CASES)
+def test_split_memory_layer_equals_the_whole(worlds, layout, tp, kernel):
+    result = dict(worlds.result(tp, "layer", layout, kernel))
     assert result.pop("codes_bitwise_all_ranks") and result.pop("p_bitwise_all_ranks")
     for name, stats in result.items():
         assert close(stats), (name, stats)
 
 
-@pytest.mark.parametrize("arch, layout, tp, norm3", [
-    ("memoryformer", "column", 2, "layernorm"), ("memoryformer", "column", 4, "layernorm"),
-    ("memoryformer", "table", 2, "layernorm"), ("memoryformer", "table", 4, "layernorm"),
-    ("memoryformer", "column", 2, "rmsnorm"), ("dense", "column", 2, "layernorm"), ("dense", "column", 4, "layernorm"),
-])
-def test_whole_model_equals_one_process(tmp_path, arch, layout, tp, norm3):
-    result = run(tmp_path, tp, "model", arch, layout, "fp32", norm3)
+@pytest.mark.parametrize("arch, layout, tp, norm3", MODEL_CASES)
+def test_whole_model_equals_one_process(worlds, arch, layout, tp, norm3):
+    result = worlds.result(tp, "model", arch, layout, "fp32", norm3)
     if arch == "memoryformer":         # QKV, ML1 and ML2 of both blocks: every rank looks up one process's codes
         assert result["exchanges"] == 6 and result["codes_equal_one_process"]
     for name, stats in result["weights"].items():
@@ -74,35 +49,35 @@ def test_whole_model_equals_one_process(tmp_path, arch, layout, tp, norm3):
         assert close(stats), (name, stats)
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-def test_byte_counters_equal_the_formulas(tmp_path, tp):
+@pytest.mark.parametrize("tp", BYTES_TP)
+def test_byte_counters_equal_the_formulas(worlds, tp):
     """Every collective of a block, forward and backward, for each layout and p dtype (megamem.parallel.traffic)."""
-    for case in run(tmp_path, tp, "block_bytes"):
+    for case in worlds.result(tp, "block_bytes"):
         assert case["forward"] > 0 and case["backward"] > 0, case
         assert (case["forward"], case["backward"]) == (case["formula_forward"], case["formula_backward"]), case
 
 
-def test_plan_per_rank_parameters_equal_what_a_tp_2_run_allocates(tmp_path):
+def test_plan_per_rank_parameters_equal_what_a_tp_2_run_allocates(worlds):
     from megamem.config import load_config
     from megamem.plan import plan_report
     from tests.paths import CONFIGS
 
-    for case in run(tmp_path, 2, "allocation"):
+    for case in worlds.result(2, "allocation"):
         config = load_config([CONFIGS / "cpu-smoke.yaml"], case["overrides"])
         report = plan_report(config, tp=2, pp=1, dp=1, zero=1, micro_batch=1, gpu_mem_gib=80)
         assert case["params"] == [report["per_rank_params"]] * 2, case
         assert case["tables"] == [report["per_rank_table_params"]] * 2, case
 
 
-def test_p_in_fp16_stays_close(tmp_path):
+def test_p_in_fp16_stays_close(worlds):
     """p shipped in fp16 is p rounded to 2^-11 relative; a chunk whose input lies that close to zero may also hash
     to the other row in a later layer, which moves single logits a lot (7.8% of the largest was seen) but the loss
     little: 1.3e-4 relative was seen, 1e-3 allowed. The weights start equal."""
-    result = run(tmp_path, 2, "model", "memoryformer", "column", "fp16", "layernorm")
+    result = worlds.result(2, "model", "memoryformer", "column", "fp16", "layernorm")
     assert all(stats["abs"] == 0.0 for stats in result["weights"].values())
     assert close(result["loss"], 1e-3), result["loss"]
 
 
-def test_tensor_parallel_ranks_with_different_batches_are_stopped(tmp_path):
-    refused = run(tmp_path, 2, "batch_check")["refused"]
+def test_tensor_parallel_ranks_with_different_batches_are_stopped(worlds):
+    refused = worlds.result(2, "batch_check")["refused"]
     assert refused and "tensor-parallel ranks [0, 1] of one replica read different batches" in refused

@@ -1,6 +1,12 @@
-"""Run by torchrun from test_tensor_parallel.py: one scenario on every rank, results as JSON from rank 0.
+"""Run by torchrun for the tests of tests/parallel: several scenarios in one launch, each on every rank.
 
-    python -m torch.distributed.run --nproc_per_node N tests/parallel/tp_worker.py SCENARIO OUT.json [ARGS...]
+    python -m torch.distributed.run --nproc_per_node N tests/parallel/tp_worker.py OUT_DIR CASE [CASE ...]
+
+A CASE is `SCENARIO` or `SCENARIO:ARG,ARG`. Rank 0 writes each case's result to
+OUT_DIR/CASE.json; a rank whose case raises writes the traceback to
+OUT_DIR/CASE.rankR.error and ends the launch (torchrun stops the other ranks),
+so a failure names its case and the cases before it keep their results. One
+launch per world size pays the ranks' start-up once for every case.
 
 Each scenario computes the single-process answer on every rank (same seed, same
 inputs) and the tensor-parallel one, and reports the largest differences; the
@@ -9,7 +15,10 @@ test decides what is close enough.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -280,16 +289,26 @@ SCENARIOS = {"collectives": collectives, "layer": layer, "model": model, "block_
              "allocation": allocation, "pipeline_allocation": pipeline_allocation, "batch_check": batch_check}
 
 
+def case_name(scenario: str, args: tuple[str, ...] = ()) -> str:
+    return ":".join([scenario, ",".join(args)]) if args else scenario
+
+
 def main() -> None:
-    scenario, out_path, *args = sys.argv[1:]
+    out_dir, *cases = sys.argv[1:]
     dist.init_process_group("gloo")
     world = dist.get_world_size()
     state = ParallelState.for_world(world, 1, world, dist.get_rank())
     state.build_groups()
-    result = SCENARIOS[scenario](state, args)
-    if dist.get_rank() == 0:
-        with open(out_path, "w") as handle:
-            json.dump(result, handle)
+    for case in cases:
+        scenario, _, args = case.partition(":")
+        try:
+            result = SCENARIOS[scenario](state, args.split(",") if args else [])
+        except Exception:           # noqa: BLE001 -- reported by name; the peers cannot go on without this rank
+            (Path(out_dir) / f"{case}.rank{dist.get_rank()}.error").write_text(traceback.format_exc())
+            sys.stderr.flush()
+            os._exit(1)
+        if dist.get_rank() == 0:
+            (Path(out_dir) / f"{case}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 

@@ -1,19 +1,17 @@
-"""What the training tests share: a real corpus, preprocessed once per module."""
+"""The runs several tests compare with, each trained once per session when a test first asks for it
+(tests/training/runs.py says what each is)."""
 from __future__ import annotations
-
-import sysconfig
-from pathlib import Path
 
 import pytest
 
-from megamem.data_tools.preprocess import PreprocessArgs, preprocess
+from tests.training.runs import EXACT, LAYOUT_STEPS, LAYOUTS, STRAIGHT, STRAIGHT_STEPS, STRAIGHTS, Runs
 
 
 @pytest.fixture(scope="session")
-def shards(tmp_path_factory):
-    """Real text: two packages of the Python standard library, byte-tokenized at cpu-smoke's seq_len; read-only,
-    so one for the whole session."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    out = tmp_path_factory.mktemp("data") / "stdlib"
-    preprocess(PreprocessArgs([str(stdlib / "json"), str(stdlib / "email")], str(out), seq_len=128, valid_fraction=0.1))
-    return out
+def layout_runs(shards, shared) -> Runs:
+    return Runs(shards, shared, LAYOUTS, EXACT, LAYOUT_STEPS)
+
+
+@pytest.fixture(scope="session")
+def straight_runs(shards, shared) -> Runs:
+    return Runs(shards, shared, STRAIGHTS, STRAIGHT, STRAIGHT_STEPS)

@@ -24,16 +24,26 @@ def reference(shards, tmp_path_factory):
 
 # One process at ZeRO 0 writes two files per checkpoint (model and optimizer states, then its RNG state): the 3rd
 # file is the step-6 checkpoint's first. With keep=1, saving step 6 removes step 3 after step 6 is complete.
-@pytest.mark.parametrize("fault, resumed_at", [
-    ("checkpoint-file:kill:3", 3),          # DeepSpeed's file of step 6, cut off
-    ("checkpoint-marker:kill:2", 3),        # every file written, no marker yet
-    ("checkpoint-prune:kill:1", 6),         # step 6 complete, step 3 half removed
+@pytest.mark.parametrize("fault, resumed_at, left_behind", [
+    ("checkpoint-file:cut:3", 3, "step-00000006"),        # DeepSpeed's file of step 6, half written, then kill -9
+    ("checkpoint-marker:kill:2", 3, "step-00000006"),     # every file written, no marker yet
+    ("checkpoint-prune:kill:2", 6, "step-00000003"),      # step 6 complete, step 3's marker and 1st file removed
 ])
-def test_kill_during_a_save_resumes_from_a_complete_checkpoint(shards, tmp_path, reference, fault, resumed_at):
+def test_kill_during_a_save_resumes_from_a_complete_checkpoint(shards, tmp_path, reference, fault, resumed_at,
+                                                               left_behind):
+    """The kill leaves `left_behind` incomplete, files on disk and no marker; it is never loaded, the resumed losses
+    are the uninterrupted run's, and it is removed once a newer checkpoint is complete."""
     run = tmp_path / "run"
     killed = train(shards, run, *SETTINGS, steps=STEPS, fault=fault, returncode=-9)
     assert "saved checkpoint" in killed.stdout
     assert [p.name for p in complete_checkpoints(run)] == [f"step-{resumed_at:08d}"]
+    partial = run / "checkpoints" / left_behind
+    assert not (partial / "megamem.json").exists() and any(partial.iterdir()), list(partial.iterdir())
+    if fault.startswith("checkpoint-file"):
+        [cut] = [p for p in partial.iterdir() if p.name.endswith("_states.pt")]
+        assert 0 < cut.stat().st_size < 60 << 20, cut.stat().st_size          # half of DeepSpeed's 105 MB
+    if fault.startswith("checkpoint-prune"):
+        assert len(list(partial.iterdir())) == 1                                # of two files
     resumed = train(shards, run, *SETTINGS, steps=STEPS)
     assert f"at step {resumed_at}" in resumed.stdout
     assert [r["step"] for r in records(run) if "loss" in r] == list(range(1, STEPS + 1))

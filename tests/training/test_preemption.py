@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from tests.training.runs import losses, rank_process, records, train, wait_for_step
+from tests.training.runs import STRAIGHT, STRAIGHT_STEPS, STRAIGHTS, losses, rank_process, records, train, wait_for_step
 
-STEPS = 20
+STEPS = STRAIGHT_STEPS
 
 
 def _send(process, signum: int, delivery: str) -> None:
@@ -23,18 +23,17 @@ def _send(process, signum: int, delivery: str) -> None:
         rank_process(process, 1).send_signal(signum)
 
 
-@pytest.mark.parametrize("nproc, layout, deliveries", [
-    (1, [], [("SIGTERM", "group", 2, True), ("SIGUSR1", "main", 0, False), ("SIGINT", "group", 1, False)]),
-    (2, ["parallel.pp=2"], [("SIGTERM", "rank1", 1, True), ("SIGTERM", "group", 0, False)]),
+@pytest.mark.parametrize("layout, deliveries", [
+    ("one-process", [("SIGTERM", "group", 2, True), ("SIGUSR1", "main", 0, False), ("SIGINT", "group", 1, False)]),
+    ("two-pipeline-stages", [("SIGTERM", "rank1", 1, True), ("SIGTERM", "group", 0, False)]),
 ], ids=["one-process", "two-pipeline-stages"])
-def test_stop_signal_saves_once_and_resume_is_exact(shards, tmp_path, nproc, layout, deliveries):
+def test_stop_signal_saves_once_and_resume_is_exact(shards, straight_runs, tmp_path, layout, deliveries):
     """Each delivery: signal after step 10 with `workers` DataLoader workers; one checkpoint, exit 0. Where `resume`,
     resume with another worker count (the batches do not depend on it), and compare every later step's loss with an
     uninterrupted run to 1e-6 (fp32): the resume does not depend on which signal stopped the run."""
-    common = ["train.eval_interval=1000", "checkpoint.interval=1000", *layout]
-    straight = tmp_path / "straight"
-    train(shards, straight, *common, steps=STEPS, nproc=nproc)
-    reference = losses(straight)
+    nproc, overrides = STRAIGHTS[layout]
+    common = [*STRAIGHT, *overrides]
+    reference = losses(straight_runs[layout].dir)
     for name, delivery, workers, resume in deliveries:
         run = tmp_path / f"{name}-{delivery}"
         process = train(shards, run, *common, f"data.num_workers={workers}", steps=STEPS, nproc=nproc,

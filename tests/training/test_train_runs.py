@@ -11,7 +11,7 @@ import torch
 from megamem.cli.main import main
 from megamem.inference.load import load_trained
 from tests.paths import CONFIGS, REPO
-from tests.training.runs import REFERENCE_NUMERICS, grad_norms, losses, train
+from tests.training.runs import EXACT_STEPS, REFERENCE_NUMERICS, grad_norms, losses, records, train
 
 
 def test_outputs_metrics_and_tensorboard_tags(shards, tmp_path):
@@ -43,141 +43,112 @@ def test_outputs_metrics_and_tensorboard_tags(shards, tmp_path):
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
 
 
-def test_zero_stages_on_two_ranks_match_one_process(shards, tmp_path):
-    """Same global batch (16 = 4 x 4 accumulation on one rank, 4 x 2 accumulation x 2 ranks), fp32: the per-step losses
-    may differ
-    only by the order of floating-point sums (gradient all-reduce vs local accumulation), about 1e-7 relative per
-    step, amplified over 10 Adam steps. The hash amplifies it further: a rounding-level change can send a token to
-    another row (see the export check below), and losses were seen 1.1e-4 apart by step 8. 1e-3 relative is still
-    far below the step-to-step change of the loss (>1e-2), which a wrong gradient reduction would show."""
-    batch = ["train.global_batch_size=16", "train.eval_interval=1000", *REFERENCE_NUMERICS]
-    train(shards, tmp_path / "one", *batch, "parallel.zero_stage=0")
-    reference = losses(tmp_path / "one")
-    assert len(reference) == 10 and reference[10] < reference[1] - 0.5
-    for stage in (1, 2, 3):
-        train(shards, tmp_path / f"zero{stage}", *batch, f"parallel.zero_stage={stage}", nproc=2)
-        got = losses(tmp_path / f"zero{stage}")
-        for step in range(1, 11):
-            assert got[step] == pytest.approx(reference[step], rel=1e-3), (stage, step)
-
-    # The one loading function (eval, generate, lm-eval, export) consolidates ZeRO-3 partitions into the same
-    # parameters. The hash makes weights-to-codes discontinuous:
-    # a rounding-level difference can send one token to another row, and Adam moves a row it touches by about the
-    # LR (3e-3) whatever the gradient's size. So weights may differ by up to about 1.5 Adam steps, while a wrong
-    # reassembly would misplace rows by the tables' own scale (std 0.02).
-    model, config = one_process_model(tmp_path / "zero3")
-    one, _ = one_process_model(tmp_path / "one")
-    assert config.parallel.zero_stage == 3
-    reference = dict(one.named_parameters())
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(param, reference[name], rtol=0, atol=5e-3, msg=name)
+def exact_window(run_dir, reference_dir, name: str, rel: float = 1e-4) -> None:
+    """Loss and whole-model gradient norm of each of the first EXACT_STEPS steps against the reference's (see
+    tests/training/runs.py for the bound): Adam hardly sees a gradient that is wrong by a constant factor, but its
+    norm does."""
+    got, reference = losses(run_dir), losses(reference_dir)
+    norms, reference_norms = grad_norms(run_dir), grad_norms(reference_dir)
+    assert set(range(1, EXACT_STEPS + 1)) <= set(got), name
+    for step in range(1, EXACT_STEPS + 1):
+        assert got[step] == pytest.approx(reference[step], rel=rel), (name, step)
+        assert norms[step] == pytest.approx(reference_norms[step], rel=rel), (name, step)
 
 
-def test_tensor_parallel_runs_match_one_process(shards, tmp_path):
-    """tp = 2 in both table layouts, and tp = 2 x dp = 2 under ZeRO 1, 2 and 3, against one process, fp32, same
-    global batch of 16. Split layers add the same terms as whole ones, in another order only where a sum crosses
+def record_at(run_dir, step: int) -> dict:
+    return next(r for r in records(run_dir) if r["step"] == step and "loss" in r)
+
+
+def test_tensor_and_data_parallel_runs_match_one_process(layout_runs):
+    """tp = 2 in both table layouts (column at ZeRO 1, table at ZeRO 0) and tp = 2 x dp = 2 under ZeRO 1, 2 and 3,
+    against one process, fp32, the same global batch of 16 (4 micro-batches of 4 accumulated on one rank, 2 on each
+    data-parallel replica). Split layers add the same terms as whole ones, in another order only where a sum crosses
     ranks (p's gradient, Norm3's statistics, the vocabulary-parallel softmax, the data-parallel all-reduce), so the
-    losses agree to float32 rounding: 1.2e-7 relative at most over these 10 steps when measured. 1e-4 leaves room
-    for a hash flip near zero, which moves a token to another row (the ZeRO test above saw 1.1e-4 from such flips
-    by step 8), and is far below the loss's change per step (>1e-2). Adam hardly sees a gradient that is wrong by a
-    constant factor, so the logged gradient norm (the whole model's) is compared too."""
-    batch = ["train.global_batch_size=16", "train.eval_interval=1000", *REFERENCE_NUMERICS]
-    train(shards, tmp_path / "one", *batch)
-    reference = losses(tmp_path / "one")
-    reference_norms = grad_norms(tmp_path / "one")
-    layouts = {"column": (2, ["parallel.tp=2"]), "table": (2, ["parallel.tp=2", "parallel.table_sharding=table"]),
-               **{f"dp2-zero{z}": (4, ["parallel.tp=2", f"parallel.zero_stage={z}"]) for z in (1, 2, 3)}}
-    for name, (nproc, overrides) in layouts.items():
-        result = train(shards, tmp_path / name, *batch, *overrides, nproc=nproc)
-        assert "tp=2" in result.stdout, name
-        got = losses(tmp_path / name)
-        assert sorted(got) == list(range(1, 11)), name
-        norms = grad_norms(tmp_path / name)              # the whole model's: shards on every rank, the rest once
-        for step in range(1, 11):
-            assert got[step] == pytest.approx(reference[step], rel=1e-4), (name, step)
-            assert norms[step] == pytest.approx(reference_norms[step], rel=1e-4), (name, step)
-    last = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()][-1]
-            for name in ("one", *layouts)}
+    losses and gradient norms agree to float32 rounding over the exact window: 1.2e-7 relative at most when
+    measured."""
+    reference = layout_runs["one"].dir
+    assert losses(reference)[EXACT_STEPS] < losses(reference)[1] - 0.5               # it learns
+    layouts = ("column", "table", "tp2-dp2-zero1", "tp2-dp2-zero2", "tp2-dp2-zero3")
+    for name in layouts:
+        assert "tp=2" in layout_runs[name].stdout, name
+        exact_window(layout_runs[name].dir, reference, name)
+    stats = record_at(reference, EXACT_STEPS)["buckets"]
     for name in layouts:                # bucket statistics summed over TP and DP: the one-process model's
-        for layer, stats in last["one"]["buckets"].items():
-            assert last[name]["buckets"][layer] == pytest.approx(stats, rel=1e-4), (name, layer)
-    received = {name: last[name] for name in ("column", "table")}
+        got = record_at(layout_runs[name].dir, EXACT_STEPS)["buckets"]
+        for layer, layer_stats in stats.items():
+            assert got[layer] == pytest.approx(layer_stats, rel=1e-4), (name, layer)
     per_token = {name: r["tp_forward_bytes_per_token"] + r["tp_backward_bytes_per_token"]
-                 for name, r in received.items()}
+                 for name in ("column", "table") for r in [record_at(layout_runs[name].dir, EXACT_STEPS)]}
     assert 0 < per_token["column"] < per_token["table"], per_token          # logged, and column moves less
 
-    # A checkpoint's shards belong to the layout that wrote them: resuming it in another is refused up front.
+    # A checkpoint's shards belong to the layout that wrote them: resuming it in another is refused up front, before
+    # the run's directory is touched (its config.yaml still describes its checkpoints).
+    table = layout_runs["table"].dir
+    written = (table / "config.yaml").read_text()
     command = [sys.executable, "-m", "megamem.cli.main", "train", str(CONFIGS / "cpu-smoke.yaml"), "--set",
-               f"data.path={shards}", "--set", f"run.dir={tmp_path / 'column'}", "--set", "train.steps=20",
+               f"data.path={layout_runs.shards}", "--set", f"run.dir={table}", "--set", "train.steps=20",
                *[part for setting in REFERENCE_NUMERICS for part in ("--set", setting)]]
     moved = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    assert moved.returncode == 2 and "was written with parallel.tp=2, parallel.table_sharding=column, 1 " \
+    assert moved.returncode == 2 and "was written with parallel.tp=2, parallel.table_sharding=table, 1 " \
                                      "data-parallel replica(s), ZeRO 0; this run has parallel.tp=1" in moved.stderr, \
         moved.stderr[-2000:]
+    assert (table / "config.yaml").read_text() == written
 
-    # The tp = 2 model loads as the one-process model (vocabulary cut to the one-process padding); the hash makes
-    # weights-to-codes discontinuous, so allow about one Adam step (the LR, 3e-3) as in the ZeRO export check above.
-    one, _ = one_process_model(tmp_path / "one")
-    reference = dict(one.named_parameters())
-    for name in ("dp2-zero2", "table"):            # ZeRO-2 partitions of column shards; whole tables under ZeRO 0
-        model, config = one_process_model(tmp_path / name)
-        assert config.parallel.tp == 1 and model.embed.weight.shape == one.embed.weight.shape
+    # The one loading function (eval, generate, lm-eval, export) consolidates every layout into the one-process
+    # model (vocabulary cut to the one-process padding). The hash makes weights-to-codes discontinuous: a
+    # rounding-level difference can send one token to another row, which Adam then moves by about the LR (3e-3)
+    # whatever the gradient's size, while a wrong reassembly would misplace rows by the tables' own scale (0.02).
+    one, _ = one_process_model(layout_runs["one"].checkpoint())
+    reference_weights = dict(one.named_parameters())
+    for name, zero, atol in (("table", 0, 3e-3), ("tp2-dp2-zero2", 2, 3e-3), ("tp2-dp2-zero3", 3, 5e-3)):
+        model, config = one_process_model(layout_runs[name].checkpoint())       # whole tables; ZeRO 2 and 3 parts
+        assert config.parallel.tp == 1 and config.parallel.zero_stage == zero
+        assert model.embed.weight.shape == one.embed.weight.shape
         for param_name, param in model.named_parameters():
-            torch.testing.assert_close(param, reference[param_name], rtol=0, atol=3e-3, msg=f"{name} {param_name}")
+            torch.testing.assert_close(param, reference_weights[param_name], rtol=0, atol=atol,
+                                       msg=f"{name} {param_name}")
 
 
-def test_pipeline_runs_match_one_process(shards, tmp_path, capsys):
+def test_pipeline_runs_match_one_process(layout_runs, capsys):
     """pp = 2 (ZeRO 0, where megamem replaces DeepSpeed's clipping norm), tp = 2 x pp = 2, pp = 2 x dp = 2 under
     ZeRO 1, pp = 2 with activation checkpointing, and the dense model at pp = 2, each against one process, fp32,
     global batch 16. A pipeline runs the same layers on the same micro-batches; what differs is where sums cross
     ranks (as under tensor parallelism) and the order in which micro-batches' gradients add up, so the losses agree
-    to float32 rounding: 2.2e-6 relative at most over 5 steps when measured. The bound of 1e-4 is the tensor-parallel
-    test's, argued there; the gradient norm (with clipping at 1.0 active: the norms are above 2) must agree too, which
-    a norm leaving out a stage's parameters would not."""
-    batch = ["train.global_batch_size=16", "train.eval_interval=5", *REFERENCE_NUMERICS]
-    layouts = {"pp2": ("memoryformer", 2, ["parallel.pp=2"]),
-               "tp2-pp2": ("memoryformer", 4, ["parallel.pp=2", "parallel.tp=2"]),
-               "pp2-dp2-zero1": ("memoryformer", 4, ["parallel.pp=2", "parallel.zero_stage=1"]),
-               "pp2-checkpointed": ("memoryformer", 2, ["parallel.pp=2", "train.activation_checkpointing=true"]),
-               "dense-pp2": ("dense", 2, ["parallel.pp=2"])}
-    for arch in ("memoryformer", "dense"):
-        train(shards, tmp_path / arch, *batch, f"model.arch={arch}", steps=5)
-    for name, (arch, nproc, overrides) in layouts.items():
-        result = train(shards, tmp_path / name, *batch, f"model.arch={arch}", *overrides, nproc=nproc, steps=5)
-        assert "pp=2" in result.stdout, name
-        got, reference = losses(tmp_path / name), losses(tmp_path / arch)
-        norms, reference_norms = grad_norms(tmp_path / name), grad_norms(tmp_path / arch)
-        assert sorted(got) == list(range(1, 6)), name
-        for step in range(1, 6):
-            assert got[step] == pytest.approx(reference[step], rel=1e-4), (name, step)
-            assert norms[step] == pytest.approx(reference_norms[step], rel=1e-4), (name, step)
-        assert losses(tmp_path / name, "valid_loss")[5] == pytest.approx(losses(tmp_path / arch, "valid_loss")[5],
-                                                                        rel=1e-4), name
-    last = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()][-1]
-            for name in ("memoryformer", "tp2-pp2")}
-    assert "forward_ms" not in last["tp2-pp2"] and last["tp2-pp2"]["step_ms"] > 0      # a pipeline times whole steps
-    for layer, stats in last["memoryformer"]["buckets"].items():        # every stage's layers, under plain names
-        assert last["tp2-pp2"]["buckets"][layer] == pytest.approx(stats, rel=1e-3), layer
+    to float32 rounding: 2.2e-6 relative at most when measured. The bound is the tensor-parallel test's; the
+    gradient norm (with clipping at 1.0 active: the norms are above 2) must agree too, which a norm leaving out a
+    stage's parameters would not."""
+    layouts = {"pp2": "one", "tp2-pp2": "one", "pp2-dp2-zero1": "one", "pp2-checkpointed": "one",
+               "dense-pp2": "dense"}
+    for name, reference in layouts.items():
+        assert "pp=2" in layout_runs[name].stdout, name
+        exact_window(layout_runs[name].dir, layout_runs[reference].dir, name)
+        assert losses(layout_runs[name].dir, "valid_loss")[EXACT_STEPS] == pytest.approx(
+            losses(layout_runs[reference].dir, "valid_loss")[EXACT_STEPS], rel=1e-4), name
+    last = record_at(layout_runs["tp2-pp2"].dir, EXACT_STEPS)
+    assert "forward_ms" not in last and last["step_ms"] > 0                  # a pipeline times whole steps
+    for layer, stats in record_at(layout_runs["one"].dir, EXACT_STEPS)["buckets"].items():   # every stage's layers
+        assert last["buckets"][layer] == pytest.approx(stats, rel=1e-3), layer                # under plain names
 
     # Loading joins stages' layer files (and ZeRO 1's fp32 partitions) into the one-process model, within about one
     # Adam step (the LR, 3e-3) for the rows a rounding difference sent elsewhere, as in the tensor-parallel test;
     # megamem eval of that model on the run's validation split is the pipeline's own logged valid_loss.
-    one, _ = one_process_model(tmp_path / "memoryformer")
+    one, _ = one_process_model(layout_runs["one"].checkpoint())
     reference = dict(one.named_parameters())
     for name in ("tp2-pp2", "pp2-dp2-zero1"):
-        model, config = one_process_model(tmp_path / name)
+        checkpoint = layout_runs[name].checkpoint()
+        model, config = one_process_model(checkpoint)
         assert config.parallel.pp == 1 and sorted(dict(model.named_parameters())) == sorted(reference)
         for param_name, param in model.named_parameters():
             torch.testing.assert_close(param, reference[param_name], rtol=0, atol=3e-3, msg=f"{name} {param_name}")
         capsys.readouterr()
-        assert main(["eval", str(tmp_path / name), "--data", str(shards), "--json"]) == 0
+        assert main(["eval", str(checkpoint), "--data", str(layout_runs.shards), "--json"]) == 0
         evaluated = json.loads(capsys.readouterr().out)["loss"]
-        assert evaluated == pytest.approx(losses(tmp_path / name, "valid_loss")[5], rel=1e-4), name
+        assert evaluated == pytest.approx(losses(layout_runs[name].dir, "valid_loss")[EXACT_STEPS], rel=1e-4), name
 
 
-def one_process_model(run_dir):
+def one_process_model(source):
     """(model, config) through megamem.inference.load_trained, which every command that uses a model goes through."""
-    trained = load_trained(run_dir)
+    trained = load_trained(source)
     return trained.model, trained.config
 
 
@@ -194,14 +165,16 @@ def one_process_model(run_dir):
     pytest.param(["train.precision=fp16"], 1, r"DeepSpeed has no fp16 on CPU", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="fp16 is refused on CPU only")),
 ])
-def test_layouts_the_process_count_cannot_satisfy_are_refused(shards, tmp_path, overrides, nproc, message):
-    command = [sys.executable, "-m", "megamem.cli.main", "train", str(CONFIGS / "cpu-smoke.yaml"),
-               "--nproc", str(nproc),
-               "--set", f"data.path={shards}", "--set", f"run.dir={tmp_path / 'run'}"]
+def test_layouts_the_process_count_cannot_satisfy_are_refused(shards, tmp_path, capsys, overrides, nproc, message):
+    """In this process: each is refused before a rank starts, so nothing here trains."""
+    argv = ["train", str(CONFIGS / "cpu-smoke.yaml"), "--nproc", str(nproc),
+            "--set", f"data.path={shards}", "--set", f"run.dir={tmp_path / 'run'}"]
     for override in overrides:
-        command += ["--set", override]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 2 and message.replace("\\", "") in result.stderr.replace("\\", "")
+        argv += ["--set", override]
+    status = main(argv)
+    err = capsys.readouterr().err
+    assert status == 2 and message.replace("\\", "") in err.replace("\\", ""), err
+    assert not (tmp_path / "run" / "config.yaml").exists()
 
 
 def test_refusals_name_the_problem(shards, tmp_path):

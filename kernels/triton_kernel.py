@@ -7,10 +7,11 @@ gathering rows and accumulating in fp32; y is written in the activation dtype.
 Codes (uint8 for tau <= 8, int16 above) and p are saved for backward.
 Backward: dp[n, k] = <dy[n], T_k[code]> and dx from p's derivative, per token
 block; table gradients in fp32 by a deterministic segment reduction: (table,
-row) keys are sorted stably, so each row's contributions are summed by one
-program in token order (no float atomics; `atomic=True` is the comparison path).
-Runs compiled on CUDA and, with TRITON_INTERPRET=1 set before this module is
-imported, on CPU tensors.
+row) keys are sorted stably, and a program sums a block of keys' segments side
+by side, each in token order (no float atomics; `atomic=True` is the comparison
+path). Runs compiled on CUDA and, with TRITON_INTERPRET=1 set before this module
+is imported, on CPU tensors, with the same block sizes either way (BLOCKS): the
+interpreter's tests run the tiling that ships.
 """
 from __future__ import annotations
 
@@ -19,12 +20,6 @@ import triton
 import triton.language as tl
 
 from megamem.kernels.autograd_kernel import AutogradKernel
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -126,23 +121,28 @@ def _dx_kernel(x_ptr, p_ptr, dp_ptr, dx_ptr, n_tokens, scale, K: tl.constexpr, T
 
 @triton.jit
 def _table_grad_segments_kernel(dy_ptr, p_ptr, order_ptr, starts_ptr, dtables_ptr, total_rows, d_out,
-                                K: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dtables[key, cols] = sum over the key's segment of sorted (token, table) pairs, in token order."""
+                                K: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dtables[key, cols] = sum over the key's segment of sorted (token, table) pairs, in token order, for a block
+    of keys at once: step j adds every key's j-th pair, so each row's sum runs in the order of its own segment
+    (and the lanes of a key whose segment has ended add nothing)."""
     pid, pid_d = tl.program_id(0), tl.program_id(1)
+    keys = pid * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
+    key_mask = keys < total_rows
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < d_out
-    for i in range(ROWS_PER_PROGRAM):
-        key = pid * ROWS_PER_PROGRAM + i
-        if key < total_rows:
-            start = tl.load(starts_ptr + key)
-            end = tl.load(starts_ptr + key + 1)
-            acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            for j in range(start, end):
-                pair = tl.load(order_ptr + j)                    # flat index n * K + k
-                weight = tl.load(p_ptr + pair)
-                n = pair // K
-                acc += weight * tl.load(dy_ptr + n * d_out + cols, mask=col_mask, other=0.0).to(tl.float32)
-            tl.store(dtables_ptr + key.to(tl.int64) * d_out + cols, acc, mask=col_mask)
+    start = tl.load(starts_ptr + keys, mask=key_mask, other=0)
+    length = tl.load(starts_ptr + keys + 1, mask=key_mask, other=0) - start
+    acc = tl.zeros((BLOCK_KEYS, BLOCK_D), dtype=tl.float32)
+    for j in range(0, tl.max(length, axis=0)):
+        live = j < length
+        pair = tl.load(order_ptr + start + j, mask=live, other=0)             # flat index n * K + k
+        weight = tl.load(p_ptr + pair, mask=live, other=0.0)
+        n = pair // K
+        rows = tl.load(dy_ptr + n[:, None] * d_out + cols[None, :], mask=live[:, None] & col_mask[None, :],
+                       other=0.0).to(tl.float32)
+        acc += weight[:, None] * rows
+    tl.store(dtables_ptr + keys[:, None].to(tl.int64) * d_out + cols[None, :], acc,
+             mask=key_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
@@ -160,12 +160,8 @@ def _table_grad_atomic_kernel(dy_ptr, codes_ptr, p_ptr, dtables_ptr, n_tokens, d
 
 
 ATOMIC_TABLE_GRADIENTS = False    # True: float atomics for table gradients (faster, not bit-reproducible)
-INTERPRETER_BLOCK_N = 128      # the interpreter pays per program: many tokens per program keeps tests fast
-
-
-def _blocks(d_out: int) -> dict:
-    return {"BLOCK_N": INTERPRETER_BLOCK_N, "BLOCK_D": triton.next_power_of_2(min(d_out, 64))} if _interpreting() \
-        else {"BLOCK_N": 64, "BLOCK_D": 64}
+BLOCKS = {"BLOCK_N": 64, "BLOCK_D": 64}     # tokens x output columns per program, compiled and interpreted alike
+KEYS_PER_PROGRAM = 32                       # (table, row) keys a table-gradient program sums at once
 
 
 def _code_dtype(bits: int) -> torch.dtype:
@@ -177,7 +173,7 @@ def forward(x2, codes, p, tables, bias, tau: int, temperature: float, l1: bool, 
     n_tokens = codes.shape[0]
     chunks, rows, d_out = tables.shape
     y = torch.empty(n_tokens, d_out, device=tables.device, dtype=tables.dtype)
-    blocks = _blocks(d_out)
+    blocks = BLOCKS
     grid = (triton.cdiv(n_tokens, blocks["BLOCK_N"]), triton.cdiv(d_out, blocks["BLOCK_D"]))
     _forward_kernel[grid](x2 if hash_input else p, codes, p, tables, bias if bias is not None else tables, y, n_tokens,
                           d_out, 2.0 / temperature, K=chunks, R=rows, TAU=tau, TAU_P2=triton.next_power_of_2(tau),
@@ -189,7 +185,7 @@ def backward(dy, x2, codes, p, tables, tau: int, temperature: float, l1: bool, n
     """(dx or None, dp, dtables fp32)."""
     n_tokens = codes.shape[0]
     chunks, rows, d_out = tables.shape
-    blocks = _blocks(d_out)
+    blocks = BLOCKS
     dp = torch.empty(n_tokens, chunks, device=dy.device, dtype=torch.float32)
     _dp_kernel[(triton.cdiv(n_tokens, blocks["BLOCK_N"]), chunks)](dy, codes, tables, dp, n_tokens, d_out,
                                                                    K=chunks, R=rows, **blocks)
@@ -202,10 +198,9 @@ def backward(dy, x2, codes, p, tables, tau: int, temperature: float, l1: bool, n
         order = torch.sort(keys, stable=True).indices                                           # token order per key
         starts = torch.zeros(chunks * rows + 1, device=codes.device, dtype=torch.int64)
         starts[1:] = torch.cumsum(torch.bincount(keys, minlength=chunks * rows), 0)
-        per_program = 64
-        grid = (triton.cdiv(chunks * rows, per_program), triton.cdiv(d_out, blocks["BLOCK_D"]))
+        grid = (triton.cdiv(chunks * rows, KEYS_PER_PROGRAM), triton.cdiv(d_out, blocks["BLOCK_D"]))
         _table_grad_segments_kernel[grid](dy, p, order, starts, dtables, chunks * rows, d_out, K=chunks,
-                                          ROWS_PER_PROGRAM=per_program, BLOCK_D=blocks["BLOCK_D"])
+                                          BLOCK_KEYS=KEYS_PER_PROGRAM, BLOCK_D=blocks["BLOCK_D"])
     dx = None
     if need_dx:
         dx = torch.empty_like(x2)
@@ -237,7 +232,7 @@ class _Hash(torch.autograd.Function):
         tau, temperature, l1, shape = ctx.settings
         dx = torch.empty_like(x2)
         n_tokens, chunks = p.shape
-        block = _blocks(1)["BLOCK_N"]
+        block = BLOCKS["BLOCK_N"]
         _dx_kernel[(triton.cdiv(n_tokens, block), chunks)](x2, p, dp.reshape(p.shape).float().contiguous(),
                                                            dx, n_tokens,
                                                            2.0 / temperature, K=chunks, TAU=tau,
@@ -247,7 +242,7 @@ class _Hash(torch.autograd.Function):
 
 def _hash_only(x2, codes, p, tau, temperature, l1):
     n_tokens, chunks = codes.shape
-    block = _blocks(1)["BLOCK_N"]
+    block = BLOCKS["BLOCK_N"]
     _hash_kernel[(triton.cdiv(n_tokens, block), chunks)](x2, codes, p, n_tokens, 2.0 / temperature, K=chunks, TAU=tau,
                                                          TAU_P2=triton.next_power_of_2(tau), L1=l1, BLOCK_N=block)
 

@@ -19,6 +19,8 @@ import signal
 from collections import Counter
 from pathlib import Path
 
+import torch
+
 from megamem.errors import MegamemError
 
 LOSS_FACTORS = {"nan": float("nan"), "spike": 10.0}
@@ -64,7 +66,15 @@ def cut_short(path: Path) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def spoiled_loss(loss):
-    """A micro-batch's loss, or what the `loss` fault makes of it."""
-    action = fault_point("loss")
-    return loss * LOSS_FACTORS[action] if action else loss
+def with_loss_faults(loss_fn):
+    """`loss_fn`, with the `loss` point at each loss it computes for training (with gradients on): evaluation's,
+    under no_grad, neither counts nor changes, so N counts training micro-batches in every layout, a pipeline's
+    last stage included."""
+    def loss(*args):
+        value = loss_fn(*args)
+        if not torch.is_grad_enabled():
+            return value
+        action = fault_point("loss")
+        return value * LOSS_FACTORS[action] if action else value
+
+    return loss

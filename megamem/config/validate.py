@@ -149,6 +149,11 @@ class _Checker:
             self.fail(("parallel.pp", "parallel.zero_stage", "train.precision"),
                       "DeepSpeed's bf16 optimizer without ZeRO cannot accumulate a pipeline's gradients in fp32",
                       "use parallel.zero_stage=1 for bf16 pipelining")
+        if p.tp > 1 and p.zero_stage == 0 and self.config.train.precision != "fp32":
+            self.fail(("parallel.tp", "parallel.zero_stage", "train.precision"),
+                      "DeepSpeed's bf16/fp16 optimizer without ZeRO takes the gradient norm that clipping divides "
+                      "by from tensor-parallel rank 0's gradients alone, leaving out the other ranks' shards",
+                      "use parallel.zero_stage=1 (or 2, 3) for tensor parallelism in bf16 or fp16")
         if p.pp > m.num_layers:
             self.fail(("parallel.pp", "model.num_layers"), "more pipeline stages than blocks",
                       f"use parallel.pp <= {m.num_layers}")

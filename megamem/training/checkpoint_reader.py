@@ -7,12 +7,13 @@ per data-parallel rank for ZeRO's optimizer partitions. This module undoes every
 cut, so that megamem export and megamem reshard (and anything that evaluates a
 checkpoint) read every layout the same way:
 
-- weights in fp32: the fp32 master copies of ZeRO 1/2 and of bf16 (so a bf16
-  run exports its master weights), ZeRO 3's through DeepSpeed's zero_to_fp32,
-  the module's otherwise;
+- weights in fp32: the fp32 master copies of ZeRO 1/2, of bf16's optimizer and
+  of the fp16 optimizer DeepSpeed steps bf16 and fp16 with at ZeRO 0 (so a
+  mixed-precision run exports its master weights), ZeRO 3's through
+  DeepSpeed's zero_to_fp32, the module's for fp32 without ZeRO;
 - Adam's moments and step, where the checkpoint holds them in a form read here:
-  ZeRO 1/2 and bf16 (flat partitions with `param_slice_mappings`) and fp32
-  ZeRO 0 (torch's AdamW). ZeRO 3's and fp16's optimizer states are kept in forms
+  ZeRO 1/2 and bf16 (flat partitions with `param_slice_mappings`) and ZeRO 0
+  (torch's AdamW, wrapped or not). ZeRO 3's optimizer state is kept in a form
   this reader does not take apart: `optimizer` is then None and callers say so.
 
 Tensor-parallel shards are joined along the dims the marker's `partitions`
@@ -140,8 +141,10 @@ def _read_stage(checkpoint: Path, config: Config, layout: dict, stage: int, zero
         else:
             fp32 = _module_weights(checkpoint, config, tp, tp_rank, pp, stage, zero, plain)
             rank_moments = None
-            if with_optimizer and zero == 0 and config.train.precision == "fp32":
-                rank_moments, steps = _torch_adam(checkpoint, config, tp, tp_rank, pp, stage, mp_rank)
+            if zero == 0:
+                masters, rank_moments, steps = _without_zero(checkpoint, config, tp, tp_rank, pp, stage, mp_rank,
+                                                             with_optimizer)
+                fp32.update(masters)
         weights.append(fp32)
         moments.append(rank_moments)
     return {"weights": weights, "moments": None if any(m is None for m in moments) else moments, "steps": steps}
@@ -211,22 +214,32 @@ def _zero_partitions(checkpoint: Path, mp_rank: int, dp: int, plain, with_optimi
     return whole["fp32"], ({kind: whole[kind] for kind in MOMENTS} if with_optimizer else None), steps
 
 
-def _torch_adam(checkpoint: Path, config: Config, tp: int, tp_rank: int, pp: int, stage: int, mp_rank: int):
-    """Adam's moments of fp32 ZeRO 0, where the optimizer is torch's AdamW and its state is keyed by the position of
-    each parameter in its groups: the positions are rebuilt from the same groups over the same modules."""
+def _without_zero(checkpoint: Path, config: Config, tp: int, tp_rank: int, pp: int, stage: int, mp_rank: int,
+                  with_optimizer: bool):
+    """(fp32 master weights, Adam's moments, Adam's step) of one mp rank at ZeRO 0, where the optimizer is torch's
+    AdamW keyed by the position of each parameter in its groups; in fp16 and bf16, DeepSpeed's fp16 optimizer
+    steps it on fp32 copies of the parameters, which it saves in the same order (`fp32_groups`), while the module
+    holds them rounded. The positions are rebuilt from the same groups over the same modules. fp32: no masters
+    (the module's weights are the ones trained)."""
     from megamem.training.optimizer import parameter_group_names
 
     saved = _load(_model_file(checkpoint, mp_rank))["optimizer"]
     module, plain = _source_module(config, tp, tp_rank, pp, stage)
     order = [plain(name) for group in parameter_group_names(module, config.optimizer) for name in group]
+    masters = {}
+    if "fp32_groups" in saved:
+        masters = dict(zip(order, [copy for group in saved["fp32_groups"] for copy in group], strict=True))
+        saved = saved["optimizer_state_dict"]
     positions = [index for group in saved["param_groups"] for index in group["params"]]
     if len(order) != len(positions):
         raise MegamemError(f"{checkpoint}: the optimizer state of mp rank {mp_rank} holds {len(positions)} "
                            f"parameters, the run's config builds {len(order)}. Fix: read it with the config.yaml "
                            f"of the run that wrote it")
+    if not with_optimizer:
+        return masters, None, None
     moments = {kind: {name: saved["state"][index][kind] for name, index in zip(order, positions, strict=True)}
                for kind in MOMENTS}
-    return moments, int(saved["state"][positions[0]]["step"])
+    return masters, moments, int(saved["state"][positions[0]]["step"])
 
 
 def _source_module(config: Config, tp: int, tp_rank: int, pp: int, stage: int) -> tuple[nn.Module, object]:

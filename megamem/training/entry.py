@@ -50,9 +50,14 @@ def check_layout(config, world_size: int) -> int:
     from megamem.config import validate_world
     from megamem.errors import MegamemError
 
-    if config.train.precision == "fp16" and not torch.cuda.is_available():
-        raise MegamemError("train.precision=fp16: DeepSpeed has no fp16 on CPU. Fix: use train.precision=bf16 or fp32 "
-                           "on CPU (fp16 with dynamic loss scaling runs on GPUs)")
+    if config.train.precision == "fp16":
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from deepspeed.accelerator import get_accelerator
+
+        if not get_accelerator().is_fp16_supported():
+            raise MegamemError("train.precision=fp16: DeepSpeed has no fp16 on CPU. Fix: use train.precision=bf16 or "
+                               "fp32 on CPU (fp16 with dynamic loss scaling runs on GPUs)")
     return validate_world(config, world_size)
 
 
@@ -131,6 +136,7 @@ def run_training(config, resume: str) -> None:
     from megamem.config import save_config
     from megamem.data_tools.loader import TrainLoader
     from megamem.errors import MegamemError
+    from megamem.faults import with_loss_faults
     from megamem.flops import flops_report
     from megamem.model import build_model
     from megamem.model.init import materialize
@@ -177,7 +183,7 @@ def run_training(config, resume: str) -> None:
 
     torch.manual_seed(config.run.seed)
     model = build_model(config, device="meta")
-    loss_fn = parallelize(model, config, state)
+    loss_fn = with_loss_faults(parallelize(model, config, state))
     sharded = partitions(model)
     if config.train.activation_checkpointing:
         apply_activation_checkpointing(model)

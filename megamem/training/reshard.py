@@ -16,7 +16,7 @@ moments through DeepSpeed's tensor-fragment API where ZeRO or the bf16 optimizer
 keep them, into torch's AdamW otherwise. What is not carried: each rank's random
 number state (the new ranks are other ranks; megamem's training draws no random
 numbers after initialisation). A source whose optimizer state cannot be read
-(ZeRO 3, or bf16/fp16 without ZeRO) is refused unless --weights-only says Adam
+(ZeRO 3) is refused unless --weights-only says Adam
 may restart, and the resumed run then says so. The LR schedule is recomputed at the
 step from the new run's config.
 """
@@ -53,10 +53,9 @@ def reshard(source: Path, config: Config, target: Config, output: Path, weights_
                            f"--output with a new directory")
     state = read_checkpoint(source, config, with_optimizer=not weights_only)
     if state.optimizer is None and not weights_only:
-        raise MegamemError(f"{source} keeps Adam's state in a form megamem reshard cannot read (ZeRO stage 3, or "
-                           f"bf16/fp16 without ZeRO); without it Adam's moments would restart from zero. Fix: pass "
-                           f"--weights-only to accept that, or reshard a checkpoint of a ZeRO 1-2 run, or of an fp32 "
-                           f"run without ZeRO")
+        raise MegamemError(f"{source} keeps Adam's state in a form megamem reshard cannot read (ZeRO stage 3); "
+                           f"without it Adam's moments would restart from zero. Fix: pass --weights-only to accept "
+                           f"that, or reshard a checkpoint of a ZeRO 0-2 run")
     step = state.marker["step"]
     tag = checkpoint_dir(output) / tag_for(step)
     shutil.rmtree(tag, ignore_errors=True)              # what an interrupted reshard left (it has no marker)

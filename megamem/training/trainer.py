@@ -23,7 +23,6 @@ import torch.distributed as dist
 from megamem.config.schema import Config
 from megamem.data_tools.loader import TrainLoader, valid_batches
 from megamem.errors import MegamemError
-from megamem.faults import spoiled_loss
 from megamem.parallel.grad_norm import grad_norm
 from megamem.parallel.replica_checks import assert_same_batch
 from megamem.parallel.state import ParallelState
@@ -72,6 +71,9 @@ class Trainer:
         self.accumulation = engine.gradient_accumulation_steps()
         self._batch_checked = False                 # tensor-parallel ranks hold the same batch: checked once
         self.pipelined = state.pp > 1
+        # DeepSpeed reports the norm it clipped by except where it steps torch's optimizer itself (fp32 without
+        # ZeRO): there every rank keeps whole, averaged gradients, and megamem measures them before the step
+        self.measures_grad_norm = config.parallel.zero_stage == 0 and config.train.precision == "fp32"
         self._pipeline_batches = self._pipeline_inputs()
 
     def train_step(self, measure_grad_norm: bool) -> dict[str, float]:
@@ -95,7 +97,7 @@ class Trainer:
         return {"loss": loss, "lr": self.engine.get_lr()[0], **traffic, "skipped": float(skipped),
                 "skipped_steps": float(self.engine.skipped_steps),
                 "grad_norm": float(norm) if norm is not None else float("nan"),
-                "loss_scale": float(getattr(self.engine.optimizer, "cur_scale", 1.0)),
+                "loss_scale": loss_scale(self.engine.optimizer),
                 "tokens_per_sec": replica_tokens_per_sec * self.state.dp,
                 "samples_per_sec": replica_tokens_per_sec * self.state.dp / self.config.model.seq_len,
                 "tflops_per_gpu": tflops, "mfu": tflops / self.config.logging.peak_tflops,
@@ -133,15 +135,13 @@ class Trainer:
             batch = self._next_batch()
             times["data_ms"] += self._lap(mark)
             mark = time.perf_counter()
-            loss = spoiled_loss(self.loss_fn(self.engine(batch[:, :-1]), batch[:, 1:]))
+            loss = self.loss_fn(self.engine(batch[:, :-1]), batch[:, 1:])
             times["forward_ms"] += self._lap(mark)
             mark = time.perf_counter()
             self.engine.backward(loss)
             times["backward_ms"] += self._lap(mark)
-            if measure_grad_norm and micro == self.accumulation - 1 and self.config.parallel.zero_stage == 0:
-                # ZeRO 0 keeps whole, averaged gradients, still multiplied by the fp16 loss scale before step()
-                scale = getattr(self.engine.optimizer, "cur_scale", 1.0)
-                norm = grad_norm(self.engine.module, self.state) / scale
+            if measure_grad_norm and micro == self.accumulation - 1 and self.measures_grad_norm:
+                norm = grad_norm(self.engine.module, self.state)
             mark = time.perf_counter()
             self.engine.step()
             times["optimizer_ms"] += self._lap(mark)
@@ -314,6 +314,11 @@ class Trainer:
                 asked = self.stop.signal_name or "a signal to another rank"
                 self.logger.message(f"stopping at step {self.step} on request ({asked}); resume with --resume auto")
                 return
+
+
+def loss_scale(optimizer) -> float:
+    """The factor DeepSpeed's fp16 optimizers scale the loss and gradients by (its `loss_scale`, dynamic), or 1."""
+    return float(getattr(optimizer, "loss_scale", None) or 1.0)
 
 
 def run_layout(config: Config, state: ParallelState) -> dict:

@@ -23,6 +23,8 @@ SMOKE = CONFIGS / "cpu-smoke.yaml"
      r"parallel\.tp=16, model\.hidden_size=64, model\.tau=8: tp must divide K = hidden_size / tau = 8"),
     (["parallel.pp=2", "parallel.zero_stage=3"], r"DeepSpeed refuses ZeRO stage 2 or 3 with pipeline parallelism"),
     (["parallel.pp=3"], r"more pipeline stages than blocks.*parallel\.pp <= 2"),
+    (["parallel.tp=2", "parallel.zero_stage=0", "train.precision=bf16"],
+     r"without ZeRO takes the gradient norm .* from tensor-parallel rank 0's gradients alone.*zero_stage=1"),
     (["parallel.zero_stage=4"], r"ZeRO stages are 0, 1, 2 and 3"),
     (["model.weighting=l1", "model.temperature=0.5"], r"l1 weighting fixes the temperature at 1"),
     (["model.rotary_fraction=0.3"], r"rotary dims per head = int\(32 x fraction\) = 9 must be even"),

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from tests.training.runs import EXACT, LAYOUT_STEPS, LAYOUTS, STRAIGHT, STRAIGHT_STEPS, STRAIGHTS, Runs
+from tests.training.runs import (
+    EXACT,
+    LAYOUT_STEPS,
+    LAYOUTS,
+    PRECISION_FAULT,
+    PRECISION_STEPS,
+    PRECISIONS,
+    STRAIGHT,
+    STRAIGHT_STEPS,
+    STRAIGHTS,
+    Runs,
+)
 
 
 @pytest.fixture(scope="session")
@@ -15,3 +26,8 @@ def layout_runs(shards, shared) -> Runs:
 @pytest.fixture(scope="session")
 def straight_runs(shards, shared) -> Runs:
     return Runs(shards, shared, STRAIGHTS, STRAIGHT, STRAIGHT_STEPS)
+
+
+@pytest.fixture(scope="session")
+def precision_runs(shards, shared) -> Runs:
+    return Runs(shards, shared, PRECISIONS, STRAIGHT, PRECISION_STEPS, fault=PRECISION_FAULT)

@@ -26,12 +26,16 @@ LAYOUT_STEPS = 2 * EXACT_STEPS        # tests/training/conftest.py: what the lay
 REFERENCE_NUMERICS = ["model.kernel=reference", "model.weighting=paper"]
 
 
+MEGAMEM = [sys.executable, "-m", "megamem.cli.main"]
+
+
 def train(shards, run_dir, *overrides, nproc=1, steps=10, background=False, returncode=0, fault=None,
-          file_size_limit=None):
+          file_size_limit=None, megamem=MEGAMEM):
     """Runs to the end and checks its exit status, or (`background`) returns the process, in its own process group
     so that a test can signal the whole group as a terminal or SLURM would. `fault`: MEGAMEM_FAULT (megamem.faults);
-    `file_size_limit`: bytes any file may reach (RLIMIT_FSIZE), so that a large write really fails, with EFBIG."""
-    command = [sys.executable, "-m", "megamem.cli.main", "train", str(CONFIGS / "cpu-smoke.yaml"),
+    `file_size_limit`: bytes any file may reach (RLIMIT_FSIZE), so that a large write really fails, with EFBIG;
+    `megamem`: the command that runs megamem."""
+    command = [*megamem, "train", str(CONFIGS / "cpu-smoke.yaml"),
                "--set", f"data.path={shards}", "--set", f"run.dir={run_dir}", "--set", f"train.steps={steps}",
                "--set", "logging.interval=1", "--set", "data.num_workers=0", "--nproc", str(nproc)]
     for override in overrides:
@@ -101,6 +105,22 @@ STRAIGHT_STEPS = 20
 STRAIGHT = ["train.eval_interval=1000", "checkpoint.interval=1000"]
 STRAIGHTS = {"one-process": (1, []), "two-pipeline-stages": (2, ["parallel.pp=2"])}
 
+# Precision runs: cpu-smoke for PRECISION_STEPS steps whose 3rd training micro-batch has a non-finite loss (step 2's
+# first in every layout here: 2 micro-batches a step), in fp32 (megamem's AdamW at ZeRO 0, DeepSpeed's ZeRO 1),
+# bf16 (what the shipped configs train in) at ZeRO 0-3 and in the parallel layouts, and fp16 (tests/training/
+# fp16_on_cpu.py).
+PRECISION_STEPS = 20
+PRECISION_FAULT = "loss:nan:3"
+FP16_ON_CPU = [sys.executable, str(REPO / "tests/training/fp16_on_cpu.py")]
+PRECISIONS = {
+    "fp32-zero0": (1, []), "fp32-zero1": (1, ["parallel.zero_stage=1"]),
+    **{f"bf16-zero{z}": (1, ["train.precision=bf16", f"parallel.zero_stage={z}"]) for z in range(4)},
+    "bf16-tp2": (2, ["train.precision=bf16", "parallel.tp=2", "parallel.zero_stage=1"]),
+    "bf16-pp2": (2, ["train.precision=bf16", "parallel.pp=2", "parallel.zero_stage=1"]),
+    "bf16-tp2-pp2": (4, ["train.precision=bf16", "parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"]),
+    "fp16-zero0": (1, ["train.precision=fp16"], FP16_ON_CPU),
+}
+
 EXACT = ["train.global_batch_size=16", f"train.eval_interval={EXACT_STEPS}", f"checkpoint.interval={EXACT_STEPS}",
          "checkpoint.keep=2", *REFERENCE_NUMERICS]
 LAYOUTS = {                   # name: (ranks, overrides)
@@ -127,18 +147,19 @@ class TrainedRun:
 
 
 class Runs:
-    """`specs[name] = (ranks, overrides)`, each trained with `common` for `steps` when first asked for in the
-    session (tests/shared.py)."""
+    """`specs[name] = (ranks, overrides)` or `(ranks, overrides, megamem)`, each trained with `common` for `steps`
+    (with `fault`, if any) when first asked for in the session (tests/shared.py)."""
 
-    def __init__(self, shards, shared, specs: dict, common: list[str], steps: int):
+    def __init__(self, shards, shared, specs: dict, common: list[str], steps: int, fault: str | None = None):
         self.shards, self.shared = shards, shared
-        self.specs, self.common, self.steps = specs, common, steps
+        self.specs, self.common, self.steps, self.fault = specs, common, steps, fault
 
     def __getitem__(self, name: str) -> TrainedRun:
-        ranks, overrides = self.specs[name]
+        ranks, overrides, *megamem = self.specs[name]
 
         def make(run: Path) -> dict:
-            result = train(self.shards, run, *self.common, *overrides, nproc=ranks, steps=self.steps)
+            result = train(self.shards, run, *self.common, *overrides, nproc=ranks, steps=self.steps,
+                           fault=self.fault, megamem=megamem[0] if megamem else MEGAMEM)
             return {"stdout": result.stdout}
 
         run, made = self.shared.once(f"run-{name}", make)

@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-from dataclasses import dataclass
 from itertools import count
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from megamem.data_tools.shards import Manifest, load_manifest, read_shard
+from megamem.data_tools.shards import Manifest, read_shard
 from megamem.errors import DataError
 from megamem.stop_signals import ignore_stop_signals, stop_signals_held
 
@@ -140,52 +138,6 @@ class TokenBatches(IterableDataset):
             if stop is not None and index >= stop:
                 return
             yield self.batch(index)
-
-
-@dataclass
-class DataSpec:
-    """What the loaders need from the run's config: datasets with weights, and what they must match."""
-
-    paths: list[str]
-    weights: list[float]
-    seq_len: int
-    vocab_size: int
-    tokenizer_hash: str
-    tokenizer_name: str
-
-    @classmethod
-    def from_config(cls, data, model) -> DataSpec:
-        """From the `data` and `model` sections; refuses a config without data before anything starts."""
-        from megamem.data_tools.tokenizer import load_tokenizer
-
-        sources = [(data.path, 1.0)] if data.path else [(s.path, s.weight) for s in data.sources]
-        if not sources:
-            raise DataError("no training data: set data.path to a megamem preprocess output "
-                            "(or data.sources for a blend)")
-        tokenizer = load_tokenizer(data.tokenizer)
-        return cls([p for p, _ in sources], [w for _, w in sources], model.seq_len, model.vocab_size, tokenizer.hash,
-                   data.tokenizer)
-
-
-def open_datasets(spec: DataSpec) -> list[Manifest]:
-    """Load every manifest and check it against the model and tokenizer: fail before training starts."""
-    manifests = [load_manifest(Path(p)) for p in spec.paths]
-    for manifest in manifests:
-        where = manifest.directory
-        if manifest.seq_len != spec.seq_len:
-            raise DataError(f"dataset {where} holds sequences of {manifest.seq_len} tokens "
-                            f"but model.seq_len is {spec.seq_len}. "
-                            f"Fix: set model.seq_len={manifest.seq_len} or preprocess with --seq-len {spec.seq_len}")
-        if manifest.tokenizer["hash"] != spec.tokenizer_hash:
-            raise DataError(f"dataset {where} was tokenized with a different tokenizer ({manifest.tokenizer['kind']}, "
-                            f"hash {manifest.tokenizer['hash'][:12]}) than data.tokenizer={spec.tokenizer_name}. "
-                            f"Fix: set data.tokenizer to the one in {where / 'manifest.json'} "
-                            "or re-run megamem preprocess")
-        if manifest.tokenizer["vocab_size"] > spec.vocab_size:
-            raise DataError(f"dataset {where} uses {manifest.tokenizer['vocab_size']} token ids "
-                            "but model.vocab_size is "
-                            f"{spec.vocab_size}. Fix: set model.vocab_size={manifest.tokenizer['vocab_size']}")
-    return manifests
 
 
 class TrainLoader:

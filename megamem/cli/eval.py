@@ -36,7 +36,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from megamem.data_tools.loader import DataSpec, TokenBatches, open_datasets, valid_batches
+    from megamem.data_tools.loader import TokenBatches, valid_batches
+    from megamem.data_tools.shards import DataSpec, open_datasets
     from megamem.data_tools.tokenizer import load_tokenizer
     from megamem.errors import MegamemError
     from megamem.inference.evaluate import evaluate

@@ -33,7 +33,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from megamem.errors import MegamemError
-    from megamem.training.entry import check_layout, check_run_dir, open_training_data
+    from megamem.training.preflight import check_layout, check_run_dir, open_training_data
 
     config = config_from_args(args)
     if args.nproc < 1:
@@ -51,9 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace, run_dir: Path) -> int:
-    import torch
-
     from megamem.training.supervisor import LocalRanks, rank_command, rank_environment
 
     command = rank_command(args.configs, args.overrides, args.resume)
-    return LocalRanks(command, args.nproc, rank_environment(args.nproc, torch.cuda.is_available()), run_dir).run()
+    return LocalRanks(command, args.nproc, rank_environment(args.nproc), run_dir).run()

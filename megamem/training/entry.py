@@ -17,7 +17,6 @@ import argparse
 import datetime
 import os
 import re
-import socket
 import sys
 from pathlib import Path
 
@@ -43,36 +42,6 @@ def single_process_env() -> None:
     port = free_port()
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-
-
-def check_layout(config, world_size: int) -> int:
-    """Refuse, before any process group forms, a layout this trainer cannot run; return the data-parallel size."""
-    from megamem.config import validate_world
-    from megamem.errors import MegamemError
-
-    if config.train.precision == "fp16":
-        if not torch.cuda.is_available():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        from deepspeed.accelerator import get_accelerator
-
-        if not get_accelerator().is_fp16_supported():
-            raise MegamemError("train.precision=fp16: DeepSpeed has no fp16 on CPU. Fix: use train.precision=bf16 or "
-                               "fp32 on CPU (fp16 with dynamic loss scaling runs on GPUs)")
-    return validate_world(config, world_size)
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """An unwritable run.dir fails here, before training, not at the first checkpoint hours later."""
-    from megamem.errors import MegamemError
-
-    probe = run_dir / "checkpoints" / f".write-test-{socket.gethostname()}-{os.getpid()}"
-    try:
-        probe.parent.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink(missing_ok=True)
-    except OSError as err:
-        raise MegamemError(f"run.dir={run_dir} is not writable ({err.strerror or err}: {err.filename or probe}). "
-                           f"Fix: set run.dir to a directory this user can write, or fix its permissions") from None
 
 
 def bound_collectives(seconds: float) -> datetime.timedelta:
@@ -115,14 +84,6 @@ def unlink_shared_memory_buffers(rank: int) -> None:
         path.unlink(missing_ok=True)
 
 
-def open_training_data(config):
-    """The run's data spec and checked manifests: a missing or mismatched dataset fails here, before training."""
-    from megamem.data_tools.loader import DataSpec, open_datasets
-
-    spec = DataSpec.from_config(config.data, config.model)
-    return spec, open_datasets(spec)
-
-
 def run_training(config, resume: str) -> None:
     from megamem.stop_signals import StopRequest
 
@@ -152,6 +113,7 @@ def run_training(config, resume: str) -> None:
     from megamem.training.deepspeed_config import deepspeed_config
     from megamem.training.metrics import MetricsLogger
     from megamem.training.optimizer import build_optimizer, build_scheduler
+    from megamem.training.preflight import check_layout, check_run_dir, open_training_data
     from megamem.training.trainer import Trainer, check_resumable
 
     spec, manifests = open_training_data(config)

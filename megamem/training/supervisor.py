@@ -165,9 +165,9 @@ def rank_command(configs: list[str], overrides: list[str], resume: str) -> list[
     return command
 
 
-def rank_environment(nproc: int, cuda: bool) -> dict[str, str]:
+def rank_environment(nproc: int) -> dict[str, str]:
+    """The supervisor's environment, with the cores shared out; each rank picks DeepSpeed's accelerator itself
+    (megamem.training.entry), so the supervisor never imports torch."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    if not cuda:
-        env.setdefault("DS_ACCELERATOR", "cpu")
     return env

@@ -28,9 +28,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from megamem.data_tools.inputs import Counts, expand_inputs, read_pieces
-from megamem.data_tools.loader import DataSpec, TokenBatches, open_datasets
+from megamem.data_tools.loader import TokenBatches
 from megamem.data_tools.preprocess import PreprocessArgs, preprocess
-from megamem.data_tools.shards import load_manifest, read_shard
+from megamem.data_tools.shards import DataSpec, load_manifest, open_datasets, read_shard
 from megamem.data_tools.tokenizer import ByteTokenizer
 from megamem.errors import DataError
 from tests.data_tools.conftest import documents

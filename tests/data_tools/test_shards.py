@@ -6,9 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from megamem.data_tools.loader import DataSpec, open_datasets
 from megamem.data_tools.preprocess import PreprocessArgs, preprocess
-from megamem.data_tools.shards import load_manifest, read_shard, write_shard
+from megamem.data_tools.shards import DataSpec, load_manifest, open_datasets, read_shard, write_shard
 from megamem.data_tools.tokenizer import ByteTokenizer
 from megamem.errors import DataError
 

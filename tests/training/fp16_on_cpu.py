@@ -1,6 +1,6 @@
 """`megamem ...` on a CPU that DeepSpeed is told has fp16, so that its fp16 optimizer (dynamic loss scaling, its
 overflow skip) runs in the CPU suite. DeepSpeed refuses fp16 on CPUs, where it is slow, not wrong; megamem asks it
-(megamem.training.entry.check_layout). GPUs run fp16 for real in scripts/gpu_check.sh.
+(megamem.training.preflight.check_layout). GPUs run fp16 for real in scripts/gpu_check.sh.
 
     python tests/training/fp16_on_cpu.py train CONFIG --set train.precision=fp16 ...
 """

@@ -8,10 +8,12 @@ therefore not match one process exactly; they must match it statistically. This
 script measures the spread: cpu-smoke as it ships, on the training tests' corpus
 (the `json` and `email` packages of this Python's standard library, 128-byte
 sequences, a tenth kept for validation), for --steps steps, in one process, in
-variants that compute the same sums in other orders (ZeRO 0, 1, 2 and 3: torch's
-AdamW over each tensor or DeepSpeed's over flat partitions; micro-batches of 2,
-4 and 8 sequences accumulated to the same global batch of 8). The bound on the
-final validation loss of a layout against one process (ZeRO 0) is 4 sqrt(2) s,
+variants that compute the same sums in other orders: ZeRO 0, 1 and 3 (torch's
+AdamW over each tensor, DeepSpeed's over flat partitions; ZeRO 2 sums as ZeRO 1
+does in one process), the fused and the reference kernel (the same lookups and
+weights, summed in another order), 1 and 2 threads (matmuls split their sums by
+thread). The bound on the final validation loss of a layout against one process
+as it ships (ZeRO 0, `auto`, one thread a rank, as the layouts run) is 4 sqrt(2) s,
 s the variants' standard deviation: the difference of two runs with that spread
 is sqrt(2) s wide, and a normal difference passes 4 of its widths less than once
 in 10,000 tries. It then trains tp 2, pp 2 and dp 2 (ZeRO 1) the same way and
@@ -37,11 +39,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "cpu-smoke.yaml"
-ORDERS = {"zero0": (1, []), "zero1": (1, ["parallel.zero_stage=1"]), "zero2": (1, ["parallel.zero_stage=2"]),
-          "zero3": (1, ["parallel.zero_stage=3"]), "micro2": (1, ["train.micro_batch_size=2"]),
-          "micro8": (1, ["train.micro_batch_size=8"])}
-LAYOUTS = {"tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"]),
-           "dp2": (2, ["parallel.zero_stage=1"])}
+ORDERS = {f"zero{zero}-{kernel}-{threads}t": (1, [f"parallel.zero_stage={zero}", f"model.kernel={kernel}"], threads)
+          for zero in (0, 1, 3) for kernel in ("auto", "reference") for threads in (1, 2)}
+REFERENCE = "zero0-auto-1t"         # one process as it ships, one thread a rank as the layouts run
+LAYOUTS = {"tp2": (2, ["parallel.tp=2"], 1), "pp2": (2, ["parallel.pp=2"], 1),
+           "dp2": (2, ["parallel.zero_stage=1"], 1)}
 WIDTHS = 4          # the bound, in widths of the difference of two runs
 
 
@@ -62,13 +64,14 @@ def settings(data: Path, run: Path, steps: int) -> list[str]:
             f"checkpoint.interval={steps}", "logging.interval=50", "data.num_workers=0"]
 
 
-def final_valid_loss(data: Path, root: Path, name: str, ranks: int, overrides: list[str], steps: int) -> float:
+def final_valid_loss(data: Path, root: Path, name: str, ranks: int, overrides: list[str], threads: int,
+                     steps: int) -> float:
     run = root / name
     command = [sys.executable, "-m", "megamem.cli.main", "train", str(CONFIG), "--nproc", str(ranks)]
     for setting in [*settings(data, run, steps), *overrides]:
         command += ["--set", setting]
-    result = subprocess.run(command, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                            text=True)
+    result = subprocess.run(command, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS=str(threads)),
+                            capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"layout_spread: {name} failed:\n{result.stderr[-3000:]}")
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -90,8 +93,9 @@ def main() -> None:
         layouts = {name: final_valid_loss(data, Path(tmp), name, *spec, args.steps)
                    for name, spec in LAYOUTS.items()}
     bound = bound_of(orders)
-    reference = orders["zero0"]
+    reference = orders[REFERENCE]
     result = {"steps": args.steps, "config": str(CONFIG.relative_to(REPO)), "python": platform.python_version(),
+              "reference": REFERENCE,
               "orders": orders, "spread": statistics.stdev(orders.values()), "bound": bound,
               "layouts": {name: {"valid_loss": loss, "difference": loss - reference,
                                  "in_bounds": abs(loss - reference) / bound}
@@ -100,10 +104,10 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"final validation loss after {args.steps} steps, one process, sums in other orders:")
     for name, loss in orders.items():
-        print(f"  {name:<8}{loss:.5f}")
+        print(f"  {name:<20}{loss:.5f}")
     print(f"spread (standard deviation) {result['spread']:.5f}; bound {WIDTHS} sqrt(2) x spread = {bound:.5f}")
     for name, row in result["layouts"].items():
-        print(f"  {name:<8}{row['valid_loss']:.5f}  {row['difference']:+.5f} against ZeRO 0 "
+        print(f"  {name:<20}{row['valid_loss']:.5f}  {row['difference']:+.5f} against {REFERENCE} "
               f"({row['in_bounds']:.2f} of the bound)")
 
 

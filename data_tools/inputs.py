@@ -10,6 +10,7 @@ end is fatal.
 """
 from __future__ import annotations
 
+import fnmatch
 import glob
 import gzip
 import io
@@ -66,8 +67,9 @@ def _kind(path: Path) -> str | None:
     return None
 
 
-def expand_inputs(specs: list[str]) -> list[Path]:
-    """Files, directories (searched recursively for known suffixes) and globs, sorted, without duplicates."""
+def expand_inputs(specs: list[str], exclude: list[str] | tuple[str, ...] = ()) -> list[Path]:
+    """Files, directories (searched recursively for known suffixes) and globs, sorted, without duplicates, less
+    those whose path matches an `exclude` pattern (fnmatch: `*` crosses `/`, e.g. `*/site-packages/*`)."""
     found: list[Path] = []
     for spec in specs:
         path = Path(spec)
@@ -90,7 +92,11 @@ def expand_inputs(specs: list[str]) -> list[Path]:
             raise DataError(f"input not found: {spec}. Fix: pass existing files, directories or globs to --input")
     if not found:
         raise DataError("no input given. Fix: pass files, directories or globs to --input")
-    return list(dict.fromkeys(p.resolve() for p in found))
+    kept = [p for p in found if not any(fnmatch.fnmatch(str(p), pattern) for pattern in exclude)]
+    if not kept:
+        raise DataError(f"--exclude {' '.join(exclude)} leaves none of the {len(found)} input files. Fix: exclude "
+                        f"less, or check the patterns (fnmatch, matched against whole paths)")
+    return list(dict.fromkeys(p.resolve() for p in kept))
 
 
 def _open(raw: IO[bytes], path: Path) -> IO[bytes]:

@@ -49,6 +49,7 @@ class PreprocessArgs:
     valid_fraction: float = 0.01
     shard_size_mb: float = 64.0
     on_error: str = "skip"
+    exclude: list[str] = field(default_factory=list)
 
 
 class Packer:
@@ -193,7 +194,7 @@ def _fingerprint(args: PreprocessArgs, files: list[Path], tokenizer_hash: str) -
 def preprocess(args: PreprocessArgs, progress: Progress | None = None) -> Summary:
     started = time.monotonic()
     _check_args(args)
-    files = expand_inputs(args.inputs)
+    files = expand_inputs(args.inputs, args.exclude)
     tokenizer = load_tokenizer(args.tokenizer)
     dtype = token_dtype(tokenizer.vocab_size)
     out = Path(args.output)

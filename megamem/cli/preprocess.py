@@ -18,6 +18,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("preprocess", help="tokenize a corpus into packed token shards",
                                    description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, directories or quoted globs")
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
+                        help="leave out input files whose path matches (fnmatch), e.g. '*/site-packages/*'")
     parser.add_argument("--output", required=True, metavar="DIR", help="directory for shards and manifest.json")
     parser.add_argument("--seq-len", type=int, required=True,
                         help="tokens per training sequence (samples hold seq_len + 1)")
@@ -35,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from megamem.data_tools.preprocess import PreprocessArgs, preprocess
 
     summary = preprocess(PreprocessArgs(args.input, args.output, args.seq_len, args.tokenizer, args.workers,
-                                        args.json_key, args.valid_fraction, args.shard_size_mb, args.on_error))
+                                        args.json_key, args.valid_fraction, args.shard_size_mb, args.on_error,
+                                        args.exclude))
     print(render(summary, args.output))
     return 0
 

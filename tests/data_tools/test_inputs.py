@@ -30,6 +30,17 @@ def test_directories_globs_and_missing_inputs(tmp_path):
         expand_inputs([str(tmp_path / "*.txt")])
 
 
+def test_excluded_paths_are_left_out_and_excluding_everything_is_refused(tmp_path):
+    """As the demo takes the standard library without the packages installed into it."""
+    for path in ("lib/os.py", "lib/json/decoder.py", "lib/site-packages/numpy/core.py"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("x = 1\n")
+    kept = expand_inputs([str(tmp_path / "lib" / "**" / "*.py")], exclude=["*/site-packages/*"])
+    assert [p.relative_to(tmp_path).as_posix() for p in kept] == ["lib/json/decoder.py", "lib/os.py"]
+    with pytest.raises(DataError, match=r"--exclude \*\.py leaves none of the 3 input files"):
+        expand_inputs([str(tmp_path / "lib")], exclude=["*.py"])
+
+
 def test_gzip_and_zstd(tmp_path):
     lines = "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(3)).encode()
     (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(lines))

@@ -4,14 +4,16 @@ Layouts: MemoryFormer with tables split by columns (megamem's default) and by
 whole tables, megamem's dense Pythia block (parallel residual), and Megatron's
 sequential dense block with sequence parallelism (built here from the same
 collectives, re-gathering its inputs in backward as Megatron does), each with the
-hidden size of the MF-tiny / small / base shape. tp = 2 and 4 are measured: one
-block's forward and backward in real gloo runs (bf16 activations, CPU), read off
-megamem.parallel.mappings' byte counters and checked against
-megamem.parallel.traffic's formulas; tp = 8 comes from the same formulas. Also the
+hidden size of the MF-tiny / small / base shape. tp = 2 and 4 (--counted-tp) are
+counted: one block's forward and backward in real gloo runs (bf16 activations,
+CPU), the bytes handed to each collective as megamem.parallel.mappings' wrappers
+count them (what a rank receives by the collective's own arithmetic, not bytes
+seen on the wire), checked against megamem.parallel.traffic's formulas; the other
+tp come from the same formulas. Also the
 data-parallel gradient bytes per step a rank receives (bf16 gradients, ring
 all-reduce over dp = 8; the tables dominate).
 
-    python benchmarks/comm_volume.py [--json PATH] [--shapes tiny,small,base] [--seq-len 2048]
+    python benchmarks/comm_volume.py [--json PATH] [--shapes tiny,small,base] [--seq-len 2048] [--counted-tp 2,4]
 
 Prints a table, the ratios at tp = 8, and with --json writes
 {"rows": [{"shape", "layout", "tp", "p_dtype", "fwd_bytes_per_token", "bwd_bytes_per_token", "source"}, ...],
@@ -160,7 +162,7 @@ def worker(out: str, shapes: list[str], seq_len: int) -> None:
     dist.destroy_process_group()
 
 
-def run_measured(tp: int, shapes: list[str], seq_len: int) -> list[dict]:
+def run_counted(tp: int, shapes: list[str], seq_len: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -182,24 +184,24 @@ def possible(shape: str, tp: int, seq_len: int) -> str | None:
     return None
 
 
-def rows_for(shapes: list[str], seq_len: int, measured_tp: tuple[int, ...] = (2, 4)) -> tuple[list[dict], list]:
+def rows_for(shapes: list[str], seq_len: int, counted_tp: tuple[int, ...]) -> tuple[list[dict], list]:
     rows, skipped = [], []
     for tp in (2, 4, 8):
         fit = [shape for shape in shapes if possible(shape, tp, seq_len) is None]
         skipped += [{"shape": shape, "tp": tp, "why": possible(shape, tp, seq_len)} for shape in shapes
                     if shape not in fit]
-        measured = {(r["shape"], r["layout"], r["p_dtype"]): r for r in run_measured(tp, fit, seq_len)} \
-            if tp in measured_tp and fit else {}
+        counted = {(r["shape"], r["layout"], r["p_dtype"]): r for r in run_counted(tp, fit, seq_len)} \
+            if tp in counted_tp and fit else {}
         for shape in fit:
             for layout, p_dtype in [*MEMORYFORMER, ("pythia", None), ("megatron", None)]:
                 expected = formula(shape, layout, tp, p_dtype, seq_len)
                 row = {"shape": shape, "layout": layout, "tp": tp, "p_dtype": p_dtype,
                        "formula_fwd_bytes_per_token": expected.forward / seq_len,
                        "formula_bwd_bytes_per_token": expected.backward / seq_len}
-                got = measured.get((shape, layout, p_dtype))
+                got = counted.get((shape, layout, p_dtype))
                 if got:
                     row.update(fwd_bytes_per_token=got["fwd_bytes"] / seq_len,
-                               bwd_bytes_per_token=got["bwd_bytes"] / seq_len, source="measured",
+                               bwd_bytes_per_token=got["bwd_bytes"] / seq_len, source="counted",
                                matches_formula=(got["fwd_bytes"], got["bwd_bytes"]) == (expected.forward,
                                                                                         expected.backward))
                 else:
@@ -243,14 +245,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default=None, metavar="PATH")
     parser.add_argument("--shapes", default="tiny,small,base")
-    parser.add_argument("--seq-len", type=int, default=2048, help="positions of the one sequence measured")
+    parser.add_argument("--seq-len", type=int, default=2048, help="positions of the one sequence counted")
+    parser.add_argument("--counted-tp", default="2,4", help="the tp sizes run and counted (the rest: formulas)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     shapes = args.shapes.split(",")
     if args.worker:
         worker(args.worker, shapes, args.seq_len)
         return
-    rows, skipped = rows_for(shapes, args.seq_len)
+    rows, skipped = rows_for(shapes, args.seq_len, tuple(int(tp) for tp in args.counted_tp.split(",")))
     largest = shapes[-1]
     ratio = ratios(rows, largest)
     dp_rows = [dp_gradient_bytes(shape, layout, max(r["tp"] for r in rows if r["shape"] == shape), args.seq_len)
@@ -267,7 +270,7 @@ def main() -> None:
                                                "dp_gradients": dp_rows,
                                                "ratios": {largest: ratio}, "targets": targets}, indent=1))
     if not all(r.get("matches_formula", True) for r in rows):
-        sys.exit("comm_volume: a measured row differs from its formula (marked != FORMULA above)")
+        sys.exit("comm_volume: a counted row differs from its formula (marked != FORMULA above)")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@ rest. Rules (shared/spec/parallel.md):
 - mixed precision keeps 2-byte weights and gradients (4-byte gradients when
   pipelining in bf16, DeepSpeed's fp32 accumulation) plus a 12-byte fp32 master
   copy and Adam moments; fp32 keeps 4 + 4 + 8 bytes.
-Activations are an estimate of what autograd keeps in the reference path (listed
-in `_block_activation_bytes_per_token`), with sequence parallelism dividing them
-by tp and 1F1B keeping up to pp micro-batches in flight on the first stage.
+Activations are an estimate of what autograd keeps (listed in
+`_block_activation_bytes_per_token`, for the fused kernels or the reference),
+with sequence parallelism dividing them by tp and 1F1B keeping up to pp
+micro-batches in flight on the first stage; tests/test_plan.py holds every part
+to what a CPU training step holds.
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ def _stage_params(config: Config, tp: int, pp: int) -> tuple[list[StageParams], 
 
 
 def _block_activation_bytes_per_token(config: Config, act_bytes: int) -> int:
-    """Bytes autograd keeps per token and block in the reference path."""
+    """Bytes autograd keeps per token and block, on the config's Memory Layer kernel."""
     m = config.model
     d = m.hidden_size
     if m.arch == "dense":
@@ -75,8 +77,12 @@ def _block_activation_bytes_per_token(config: Config, act_bytes: int) -> int:
     wide = (m.tau + m.expanding_bits) * k
     # norm1 in/out, q k v, rotated q k, attention out, norm2 in/out, ML1 out, norm3 out
     activations = (2 * d + 3 * d + 2 * d + d + 2 * d + 2 * wide) * act_bytes
-    # three hashings (inputs d, d, wide): fp32 |z| and log-sigmoid input, int64 codes, fp32 p and its cast
-    hashing = 2 * 4 * (2 * d + wide) + 3 * k * (8 + 4 + act_bytes)
+    if m.kernel == "reference":
+        # three hashings (inputs d, d, wide): fp32 |z| and log-sigmoid input, int64 codes, fp32 p and its cast
+        hashing = 2 * 4 * (2 * d + wide) + 3 * k * (8 + 4 + act_bytes)
+    else:
+        # the fused kernels keep each chunk's code (at most 2 bytes) and fp32 p, and read the normed inputs above
+        hashing = 3 * k * (2 + 4)
     return activations + hashing
 
 

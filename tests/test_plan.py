@@ -5,6 +5,7 @@ import pytest
 
 from megamem.config import load_config
 from megamem.plan import plan_report
+from tests.parallel.worlds import MEMORY_TP
 from tests.paths import CONFIGS
 
 BASE = CONFIGS / "memoryformer-base.yaml"
@@ -51,3 +52,20 @@ def test_tensor_parallel_divides_tables():
     one = plan_report(config, 1, 1, 1, 1, 1, 80)
     four = plan_report(config, 4, 1, 1, 1, 1, 80)
     assert four["per_rank_table_params"] * 4 == one["per_rank_table_params"]
+
+
+@pytest.mark.parametrize("tp", MEMORY_TP)
+def test_plan_bytes_per_rank_are_what_a_training_step_holds(worlds, tp):
+    """One step of cpu-smoke (fp32, ZeRO 0, micro-batch 4) under DeepSpeed, counted by tensor bytes where each part
+    peaks (tests/parallel/tp_worker.py `memory`), against megamem plan for the same layout, within 25% each and in
+    all: the parameters and gradients exactly (the plan splits the very model a rank builds), the optimizer's two
+    moments, and the plan's estimate of what autograd keeps for backward."""
+    measured = worlds.result(2, "memory", str(tp))
+    config = load_config([CONFIGS / "cpu-smoke.yaml"], measured["overrides"])
+    planned = plan_report(config, tp=tp, pp=1, dp=measured["dp"], zero=0, micro_batch=4, gpu_mem_gib=80)
+    planned = planned["per_rank_bytes"]
+    got = measured["bytes"]
+    assert got["weights"] == planned["weights"] and got["gradients"] == planned["gradients"], (got, planned)
+    for part in ("optimizer_state", "activations"):
+        assert got[part] == pytest.approx(planned[part], rel=0.25), (part, got, planned)
+    assert sum(got.values()) == pytest.approx(planned["total"], rel=0.25)

@@ -6,11 +6,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.paths import REPO
 
 PHASES = ("prefill512", "prefill2048", "decode", "train")
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_row_and_a_chart(tmp_path):
     out, png = tmp_path / "throughput.json", tmp_path / "throughput.png"
     command = [sys.executable, "benchmarks/train_throughput.py", "--quick", "--json", str(out), "--png", str(png),

@@ -7,16 +7,12 @@ from pathlib import Path
 import pytest
 
 from megamem.cli.main import main
-from tests.training.runs import train
 
 
 @pytest.fixture(scope="session")
-def trained(shards, shared):
-    """cpu-smoke after 6 steps, validated at the last."""
-    def make(run: Path) -> None:
-        train(shards, run, "train.eval_interval=1000", steps=6)
-
-    return shared.once("run-trained", make)[0]
+def trained(straight_runs):
+    """cpu-smoke as it ships after STRAIGHT_STEPS steps, validated at the last (tests/training/runs.py)."""
+    return straight_runs["one-process"].dir
 
 
 @pytest.fixture(scope="session")

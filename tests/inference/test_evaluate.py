@@ -15,14 +15,14 @@ from megamem.inference.load import load_trained
 from megamem.kernels.cpu_kernel import PACKED
 from megamem.model import build_model
 from megamem.model.memory_layer import MemoryLayer
-from tests.training.runs import losses
+from tests.training.runs import STRAIGHT_STEPS, losses
 
 
 def test_eval_of_a_run_is_its_logged_validation_loss(shards, trained, tmp_path, megamem):
-    logged = losses(trained, "valid_loss")[6]
+    logged = losses(trained, "valid_loss")[STRAIGHT_STEPS]
     export = tmp_path / "model.safetensors"
     assert megamem("export", str(trained), "--output", str(export))[0] == 0
-    for source in (trained, trained / "checkpoints" / "step-00000006", export):
+    for source in (trained, trained / "checkpoints" / f"step-{STRAIGHT_STEPS:08d}", export):
         status, out, err = megamem("eval", str(source), "--data", str(shards), "--json")
         assert status == 0, err[-2000:]
         got = json.loads(out)

@@ -18,7 +18,6 @@ from megamem.data_tools.tokenizer import ByteTokenizer
 from megamem.inference.generate import generate
 from megamem.inference.hf_export import byte_tokenizer_json
 from megamem.inference.load import load_trained
-from tests.training.runs import train
 
 pytest.importorskip("transformers")
 
@@ -62,10 +61,8 @@ IN_TRANSFORMERS = textwrap.dedent('''
 
 
 @pytest.fixture(scope="module")
-def dense(shards, tmp_path_factory):
-    run = tmp_path_factory.mktemp("dense")
-    train(shards, run, "model.arch=dense", "train.eval_interval=1000", steps=2)
-    return run
+def dense(layout_runs):
+    return layout_runs["dense"].dir
 
 
 @pytest.mark.parametrize("arch", ["memoryformer", "dense"])

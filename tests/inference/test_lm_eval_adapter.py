@@ -71,6 +71,7 @@ def test_generate_until_stops_at_the_stop_string(adapter):
     assert "(" not in text and len(text) <= 32
 
 
+@pytest.mark.slow
 def test_a_local_task_runs_offline_through_megamem_lm_eval_and_lm_eval_on_the_export(trained, trained_hf, tmp_path):
     """`megamem lm-eval --model megamem` on the run, and lm-eval's own CLI with its `hf` backend on the run's
     `megamem export --format hf`, score every choice alike."""

@@ -23,6 +23,8 @@ import pytest
 from megamem.ports import free_port
 from tests.paths import REPO
 
+pytestmark = pytest.mark.slow          # every test here takes more than 30 s
+
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 
 

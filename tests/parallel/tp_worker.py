@@ -271,6 +271,57 @@ def pipeline_allocation(world: ParallelState, args) -> list[dict]:
     return out
 
 
+def memory(world: ParallelState, args) -> dict:
+    """What one training step of cpu-smoke (fp32, ZeRO 0, micro-batch 4, the config's kernel) holds on a rank of
+    tp = args[0], built as training builds it under DeepSpeed's engine, counted in tensor bytes where each part
+    peaks: the parameters, their gradients after backward, the optimizer's state after its step, and the storage
+    autograd keeps for backward at the end of the forward (each storage once, parameters apart)."""
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    from megamem.parallel.deepspeed_mpu import DeepSpeedMPU
+    from megamem.training.deepspeed_config import deepspeed_config
+    from megamem.training.optimizer import build_optimizer
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    tp = int(args[0])
+    state = ParallelState.for_world(tp, 1, world.world_size, world.rank)
+    state.build_groups()
+    config = load_config([CONFIGS / "cpu-smoke.yaml"], [f"parallel.tp={tp}", "parallel.zero_stage=0",
+                                                        "train.precision=fp32",
+                                                        f"train.global_batch_size={4 * state.dp}"])
+    model = build_model(config, device="meta")
+    loss_fn = parallelize(model, config, state)
+    materialize(model, "cpu", config.run.seed)
+    optimizer = build_optimizer(model, config.optimizer, steps_itself=True)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(config, state.dp),
+                                      mpu=DeepSpeedMPU(state))
+    parameters = {p.untyped_storage().data_ptr() for p in engine.module.parameters()}
+    kept = {}                           # storage -> bytes: a tensor saved by several ops is kept once
+
+    def count(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    torch.manual_seed(3)
+    tokens = torch.randint(0, 257, (4, config.model.seq_len + 1))
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+        loss = loss_fn(engine(tokens[:, :-1]), tokens[:, 1:])
+    engine.backward(loss)
+    gradients = sum(p.grad.numel() * p.grad.element_size() for p in engine.module.parameters() if p.grad is not None)
+    engine.step()
+    optimizer_state = sum(t.numel() * t.element_size() for s in engine.optimizer.state.values()
+                          for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+    weights = sum(p.numel() * p.element_size() for p in engine.module.parameters())
+    return {"overrides": [f"parallel.tp={tp}", "parallel.zero_stage=0", "train.precision=fp32"],
+            "dp": state.dp, "bytes": {"weights": weights, "gradients": gradients, "optimizer_state": optimizer_state,
+                                      "activations": sum(kept.values())}}
+
+
 def batch_check(state: ParallelState, _args) -> dict:
     """assert_same_batch passes equal batches and stops different ones, on every rank alike."""
     from megamem.errors import MegamemError
@@ -286,7 +337,8 @@ def batch_check(state: ParallelState, _args) -> dict:
 
 
 SCENARIOS = {"collectives": collectives, "layer": layer, "model": model, "block_bytes": block_bytes,
-             "allocation": allocation, "pipeline_allocation": pipeline_allocation, "batch_check": batch_check}
+             "allocation": allocation, "pipeline_allocation": pipeline_allocation, "memory": memory,
+             "batch_check": batch_check}
 
 
 def case_name(scenario: str, args: tuple[str, ...] = ()) -> str:

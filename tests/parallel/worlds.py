@@ -30,6 +30,7 @@ MODEL_CASES = [("memoryformer", "column", 2, "layernorm"), ("memoryformer", "col
                ("dense", "column", 4, "layernorm")]
 BYTES_TP = (2, 4)
 PIPELINE_CASES = [(1, 2), (2, 2)]           # (tp, pp)
+MEMORY_TP = (1, 2)                          # on two ranks: one process's layout replicated (dp 2), and tp 2
 
 
 def cases_for(world: int) -> list[str]:
@@ -43,6 +44,7 @@ def cases_for(world: int) -> list[str]:
                   case_name("batch_check")]
     cases += [case_name("block_bytes")] if world in BYTES_TP else []
     cases += [case_name("pipeline_allocation", (str(tp), str(pp))) for tp, pp in PIPELINE_CASES if tp * pp == world]
+    cases += [case_name("memory", (str(tp),)) for tp in MEMORY_TP if world == 2]
     return cases
 
 

@@ -80,6 +80,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_continues_or_stops(shards, 
     assert not list((run / "checkpoints").glob("step-*"))
 
 
+@pytest.mark.slow
 def test_damaged_or_foreign_checkpoints_are_refused_by_name(shards, tmp_path):
     run = tmp_path / "run"
     train(shards, run, "checkpoint.interval=2", "checkpoint.keep=2", "train.eval_interval=1000", steps=4)

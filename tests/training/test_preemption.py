@@ -23,6 +23,7 @@ def _send(process, signum: int, delivery: str) -> None:
         rank_process(process, 1).send_signal(signum)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout, deliveries", [
     ("one-process", [("SIGTERM", "group", 2, True), ("SIGUSR1", "main", 0, False), ("SIGINT", "group", 1, False)]),
     ("two-pipeline-stages", [("SIGTERM", "rank1", 1, True), ("SIGTERM", "group", 0, False)]),

@@ -10,6 +10,8 @@ import pytest
 from tests.paths import REPO
 from tests.training.runs import EXACT_STEPS, LAYOUT_STEPS, losses
 
+pytestmark = pytest.mark.slow          # every test here takes more than 30 s
+
 
 def megamem(*args: str, nproc: int | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "megamem.cli.main", *args, *(["--nproc", str(nproc)] if nproc else [])]

@@ -13,6 +13,8 @@ from megamem.training.supervisor import LOST_PEERS_EXIT, RANK_GRACE_S
 from tests.paths import REPO
 from tests.training.runs import losses, rank_process, train, wait_for_step
 
+pytestmark = pytest.mark.slow          # every test here takes more than 30 s
+
 TIMEOUT_S = 8
 SETTINGS = ["checkpoint.interval=4", "train.eval_interval=1000", "data.num_workers=1",
             f"train.collective_timeout_s={TIMEOUT_S}"]

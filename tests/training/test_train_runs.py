@@ -11,7 +11,7 @@ import torch
 from megamem.cli.main import main
 from megamem.inference.load import load_trained
 from tests.paths import CONFIGS, REPO
-from tests.training.runs import EXACT_STEPS, REFERENCE_NUMERICS, grad_norms, losses, records, train
+from tests.training.runs import EXACT_STEPS, REFERENCE_NUMERICS, STRAIGHT_STEPS, grad_norms, losses, records, train
 
 
 def test_outputs_metrics_and_tensorboard_tags(shards, tmp_path):
@@ -59,6 +59,7 @@ def record_at(run_dir, step: int) -> dict:
     return next(r for r in records(run_dir) if r["step"] == step and "loss" in r)
 
 
+@pytest.mark.slow
 def test_tensor_and_data_parallel_runs_match_one_process(layout_runs):
     """tp = 2 in both table layouts (column at ZeRO 1, table at ZeRO 0) and tp = 2 x dp = 2 under ZeRO 1, 2 and 3,
     against one process, fp32, the same global batch of 16 (4 micro-batches of 4 accumulated on one rank, 2 on each
@@ -109,6 +110,7 @@ def test_tensor_and_data_parallel_runs_match_one_process(layout_runs):
                                        msg=f"{name} {param_name}")
 
 
+@pytest.mark.slow
 def test_pipeline_runs_match_one_process(layout_runs, capsys):
     """pp = 2 (ZeRO 0, where megamem replaces DeepSpeed's clipping norm), tp = 2 x pp = 2, pp = 2 x dp = 2 under
     ZeRO 1, pp = 2 with activation checkpointing, and the dense model at pp = 2, each against one process, fp32,
@@ -177,13 +179,14 @@ def test_layouts_the_process_count_cannot_satisfy_are_refused(shards, tmp_path, 
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
-def test_refusals_name_the_problem(shards, tmp_path):
-    run = tmp_path / "run"
-    train(shards, run, steps=2)
+def test_refusals_name_the_problem(shards, straight_runs, tmp_path):
+    """Each is refused before anything is written, so a finished run serves."""
+    run = straight_runs["one-process"].dir
     command = [sys.executable, "-m", "megamem.cli.main", "train", str(CONFIGS / "cpu-smoke.yaml"),
                "--set", f"data.path={shards}", "--set", f"run.dir={run}"]
     again = subprocess.run(command + ["--resume", "none"], cwd=REPO, capture_output=True, text=True)
-    assert again.returncode == 2 and "already holds checkpoints (newest: step-00000002)" in again.stderr
+    assert again.returncode == 2 and f"already holds checkpoints (newest: step-{STRAIGHT_STEPS:08d})" in \
+        again.stderr
     wrong = subprocess.run(command + ["--set", "model.seq_len=64"], cwd=REPO, capture_output=True, text=True)
     assert wrong.returncode == 2 and "holds sequences of 128 tokens but model.seq_len is 64" in wrong.stderr
     no_data = subprocess.run(command + ["--set", "data.path=null", "--set", f"run.dir={tmp_path / 'r2'}"],

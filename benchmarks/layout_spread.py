@@ -3,7 +3,7 @@
 A hashing model's runs part ways whenever a sum is ordered differently: one
 rounding flips a code, Adam moves the row it sends the token to, and the runs
 drift apart (tests/training/runs.py). Under what ships (`model.kernel: auto`,
-`model.weighting: l1`) the tensor-, pipeline- and data-parallel layouts can
+the fused kernel) the tensor-, pipeline- and data-parallel layouts can
 therefore not match one process exactly; they must match it statistically. This
 script measures the spread: cpu-smoke as it ships, on the training tests' corpus
 (the `json` and `email` packages of this Python's standard library, 128-byte

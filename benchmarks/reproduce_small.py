@@ -4,7 +4,8 @@ Trains, on the same shards and for the same tokens, configs/cpu-smoke.yaml as a
 MemoryFormer with each weighting of the retrieved rows (`paper`: p alone; `l1`:
 p times the chunk's L1 norm, as the released code does), `paper` once more with
 one LR for the rest of the model and the tables' own (`optimizer.
-table_lr_multiplier` swept), and as the dense baseline with the same d, layers,
+table_lr_multiplier` swept; the other variants give the tables the model's
+LR, whatever the config ships), and as the dense baseline with the same d, layers,
 heads, sequence length and tokenizer. Every variant starts from a grid of the
 same number of learning rates (GRID, factors of 2 apart); while its best lies
 at an edge of its grid, the grid grows by one more step past that edge (at most
@@ -98,14 +99,15 @@ def train(out: Path, variant: str, value: float, steps: int, overrides: list[str
     run = out / "runs" / run_name(variant, value)
     done = run / "checkpoints" / f"step-{steps:08d}" / "megamem.json"
     timing = run / "reproduce_seconds.json"
-    lr = BASE_LR if swept == "optimizer.table_lr_multiplier" else value
+    lr, multiplier = (BASE_LR, value) if swept == "optimizer.table_lr_multiplier" else (value, 1.0)
     if not (done.is_file() and timing.is_file()):
         start = time.perf_counter()
         settings = [*overrides, f"run.dir={run}", f"model.arch={arch}", f"model.weighting={weighting}",
-                    f"{swept}={value}", f"optimizer.lr={lr}", f"schedule.min_lr={lr / 10}", f"train.steps={steps}",
+                    f"optimizer.lr={lr}", f"optimizer.table_lr_multiplier={multiplier}", f"schedule.min_lr={lr / 10}",
+                    f"train.steps={steps}",
                     f"train.eval_interval={max(1, steps // EVALS_PER_RUN)}", f"checkpoint.interval={steps}",
                     "checkpoint.keep=1", "data.num_workers=1"]
-        megamem("train", str(CONFIG), *[part for setting in dict.fromkeys(settings) for part in ("--set", setting)])
+        megamem("train", str(CONFIG), *[part for setting in settings for part in ("--set", setting)])
         timing.write_text(json.dumps({"seconds": time.perf_counter() - start}))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     curve = [(r["step"], r["valid_loss"]) for r in records if "valid_loss" in r]

@@ -16,7 +16,9 @@ data=${DATA:-data/stdlib}
 run=${RUN:-runs/cpu-smoke}
 stdlib=$(python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 if [ ! -f "$data/manifest.json" ]; then
-  megamem preprocess --input "$stdlib/**/*.py" --output "$data" --seq-len 128 --workers 2
+  # the library alone: what is installed into it (site-packages) differs from machine to machine
+  megamem preprocess --input "$stdlib/**/*.py" --exclude "*/site-packages/*" "*/dist-packages/*" \
+    --output "$data" --seq-len 128 --workers 2
 fi
 megamem train configs/cpu-smoke.yaml --set data.path="$data" --set run.dir="$run" --set data.num_workers=1
 python - "$run" <<'PY'

@@ -38,8 +38,9 @@ from tests.training.runs import (  # noqa: E402
 
 
 def pytest_collection_modifyitems(items):
-    """Slow tests first (stable otherwise): the pytest-xdist workers start the long runs early and fill the rest of
-    the time with short tests, rather than end on one long test while the other worker idles."""
+    """Slow tests first (stable otherwise): the pytest-xdist workers, handed one test at a time (scripts/test.sh),
+    start the long runs early and fill the rest of the time with short tests, rather than end on one long test
+    while the other worker idles."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

@@ -59,7 +59,9 @@ def test_plan_bytes_per_rank_are_what_a_training_step_holds(worlds, tp):
     """One step of cpu-smoke (fp32, ZeRO 0, micro-batch 4) under DeepSpeed, counted by tensor bytes where each part
     peaks (tests/parallel/tp_worker.py `memory`), against megamem plan for the same layout, within 25% each and in
     all: the parameters and gradients exactly (the plan splits the very model a rank builds), the optimizer's two
-    moments, and the plan's estimate of what autograd keeps for backward."""
+    moments, and the plan's estimate of what autograd keeps for backward. When measured: weights, gradients and
+    Adam's moments exact at tp 1 and 2; activations 8.22 MB held against 8.16 MB planned at tp 1 (+0.8%), 5.02 MB
+    against 4.21 MB at tp 2 (+19%)."""
     measured = worlds.result(2, "memory", str(tp))
     config = load_config([CONFIGS / "cpu-smoke.yaml"], measured["overrides"])
     planned = plan_report(config, tp=tp, pp=1, dp=measured["dp"], zero=0, micro_batch=4, gpu_mem_gib=80)

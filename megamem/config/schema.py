@@ -28,7 +28,7 @@ class ModelConfig:
     tau: int = 8
     expanding_bits: int = 2
     temperature: float = 1.0
-    weighting: Literal["paper", "l1"] = "l1"     # measured: docs/model.md "Which weighting"
+    weighting: Literal["paper", "l1"] = "l1"     # the one that needs no table LR of its own: docs/model.md
     memory_bias: bool = False
     table_init_std: float = 0.02
     qkv_table_init: Literal["normal", "released"] = "normal"

@@ -37,6 +37,8 @@ class TorchInit:
 
     @staticmethod
     def normal(param: torch.Tensor, std: float) -> None:
+        if param.is_meta:       # no values to draw; torch would decompose the draw, importing torch._dynamo (~2 s)
+            return
         nn.init.normal_(param, std=std)
 
     @staticmethod

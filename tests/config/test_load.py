@@ -37,8 +37,9 @@ def test_every_shipped_config_loads(path):
     assert set(written) <= set(loaded), set(written) - set(loaded)
     for key, value in loaded.items():
         assert value == written.get(key, defaults[key]), key
-    if "memoryformer" in path.name:             # what ships: bf16, the fastest kernel here, l1 weighting
-        assert (loaded["train.precision"], loaded["model.kernel"], loaded["model.weighting"]) == ("bf16", "auto", "l1")
+    if "memoryformer" in path.name:             # what ships: bf16, the fastest kernel here, paper with 24x tables
+        assert (loaded["train.precision"], loaded["model.kernel"], loaded["model.weighting"],
+                loaded["optimizer.table_lr_multiplier"]) == ("bf16", "auto", "paper", 24.0)
 
 
 def test_files_merge_in_order_then_overrides_win(write):

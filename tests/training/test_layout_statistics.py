@@ -1,11 +1,11 @@
-"""Under the numerics that ship (`model.kernel: auto`, `model.weighting: l1`), tp 2, pp 2 and dp 2 train like one
-process, statistically: their runs part from one process's after a few steps (a rounding flips a hash code), so
-each is held, after 200 steps on real text, to the spread of one-process runs that differ from each other only in
-the order of their sums. benchmarks/layout_spread.py measured that spread and derived the bound (4 sqrt(2) times
-its standard deviation: the width of the difference of any two such runs, four times) into
-benchmarks/results/layout_spread.json, with the one-process run's final loss. The three layouts are trained again
-here, with the same settings, against those committed figures: a one-process run on another machine, whose sums
-round otherwise, would be one more run of that spread, which the bound already allows for."""
+"""Under the numerics that ship (`model.kernel: auto`, `model.weighting: paper` with the tables at 24x the LR),
+tp 2, pp 2 and dp 2 train like one process, statistically: their runs part from one process's after a few steps
+(a rounding flips a hash code), so each is held, after 200 steps on real text, to the spread of one-process runs
+that differ from each other only in the order of their sums. benchmarks/layout_spread.py measured that spread and
+derived the bound (4 sqrt(2) times its standard deviation: the width of the difference of any two such runs, four
+times) into benchmarks/results/layout_spread.json, with the one-process run's final loss. The three layouts are
+trained again here, with the same settings, against those committed figures: a one-process run on another
+machine, whose sums round otherwise, would be one more run of that spread, which the bound already allows for."""
 from __future__ import annotations
 
 import json

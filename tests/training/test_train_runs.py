@@ -65,7 +65,7 @@ def test_tensor_and_data_parallel_runs_match_one_process(layout_runs):
     against one process, fp32, the same global batch of 16 (4 micro-batches of 4 accumulated on one rank, 2 on each
     data-parallel replica). Split layers add the same terms as whole ones, in another order only where a sum crosses
     ranks (p's gradient, Norm3's statistics, the vocabulary-parallel softmax, the data-parallel all-reduce), so the
-    losses and gradient norms agree to float32 rounding over the exact window: 1.2e-7 relative at most when
+    losses and gradient norms agree to float32 rounding over the exact window: 2.1e-7 relative at most when
     measured."""
     reference = layout_runs["one"].dir
     assert losses(reference)[EXACT_STEPS] < losses(reference)[1] - 0.5               # it learns
@@ -116,7 +116,7 @@ def test_pipeline_runs_match_one_process(layout_runs, capsys):
     ZeRO 1, pp = 2 with activation checkpointing, and the dense model at pp = 2, each against one process, fp32,
     global batch 16. A pipeline runs the same layers on the same micro-batches; what differs is where sums cross
     ranks (as under tensor parallelism) and the order in which micro-batches' gradients add up, so the losses agree
-    to float32 rounding: 2.2e-6 relative at most when measured. The bound is the tensor-parallel test's; the
+    to float32 rounding: 1.1e-7 relative at most when measured. The bound is the tensor-parallel test's; the
     gradient norm (with clipping at 1.0 active: the norms are above 2) must agree too, which a norm leaving out a
     stage's parameters would not."""
     layouts = {"pp2": "one", "tp2-pp2": "one", "pp2-dp2-zero1": "one", "pp2-checkpointed": "one",

@@ -289,9 +289,9 @@ def memory(world: ParallelState, args) -> dict:
     tp = int(args[0])
     state = ParallelState.for_world(tp, 1, world.world_size, world.rank)
     state.build_groups()
-    config = load_config([CONFIGS / "cpu-smoke.yaml"], [f"parallel.tp={tp}", "parallel.zero_stage=0",
-                                                        "train.precision=fp32",
-                                                        f"train.global_batch_size={4 * state.dp}"])
+    overrides = [f"parallel.tp={tp}", "parallel.zero_stage=0", "train.precision=fp32",
+                 f"train.global_batch_size={4 * state.dp}"]
+    config = load_config([CONFIGS / "cpu-smoke.yaml"], overrides)
     model = build_model(config, device="meta")
     loss_fn = parallelize(model, config, state)
     materialize(model, "cpu", config.run.seed)
@@ -317,9 +317,9 @@ def memory(world: ParallelState, args) -> dict:
     optimizer_state = sum(t.numel() * t.element_size() for s in engine.optimizer.state.values()
                           for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
     weights = sum(p.numel() * p.element_size() for p in engine.module.parameters())
-    return {"overrides": [f"parallel.tp={tp}", "parallel.zero_stage=0", "train.precision=fp32"],
-            "dp": state.dp, "bytes": {"weights": weights, "gradients": gradients, "optimizer_state": optimizer_state,
-                                      "activations": sum(kept.values())}}
+    return {"overrides": overrides, "dp": state.dp,
+            "bytes": {"weights": weights, "gradients": gradients, "optimizer_state": optimizer_state,
+                      "activations": sum(kept.values())}}
 
 
 def batch_check(state: ParallelState, _args) -> dict:

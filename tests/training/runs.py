@@ -24,7 +24,7 @@ from tests.paths import CONFIGS, REPO
 # The tables' LR is pinned to the model's for that reason: at the shipped 24x a flip in step 1 parts the layouts by
 # 4e-4 in step 3's gradient norm, and the window of rounding-level agreement would shrink to two steps.
 EXACT_STEPS = 3
-LAYOUT_STEPS = 2 * EXACT_STEPS        # tests/training/conftest.py: what the layout runs train
+LAYOUT_STEPS = 2 * EXACT_STEPS        # tests/conftest.py: what the layout runs train
 REFERENCE_NUMERICS = ["model.kernel=reference", "model.weighting=paper", "optimizer.table_lr_multiplier=1"]
 
 
@@ -97,7 +97,7 @@ def rank_process(process, rank: int):
     return ranks[0]
 
 
-# Runs several tests compare with, trained once per session (tests/training/conftest.py). Straight runs: cpu-smoke
+# Runs several tests compare with, trained once per session (tests/conftest.py). Straight runs: cpu-smoke
 # as it ships for STRAIGHT_STEPS steps, uninterrupted (what a stopped, resumed or lower-precision run is held to).
 # Layout runs: cpu-smoke at a global batch of 16 under the reference numerics, validated and checkpointed every
 # EXACT_STEPS steps, for twice that: layouts are compared over the first EXACT_STEPS, and a run megamem reshard

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -48,9 +46,6 @@ PACKED = "_megamem_packed"      # attribute of a marked tables tensor: None, or 
 def extension():
     from torch.utils.cpp_extension import load
 
-    bin_dir = str(Path(sys.executable).parent)             # ninja installed into this environment
-    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "") \
         if Path("/proc/cpuinfo").exists() else ""
     digest = hashlib.sha256(flags.encode())

@@ -17,8 +17,8 @@ def check_layout(config, world_size: int) -> int:
         from deepspeed.accelerator import get_accelerator
 
         if not get_accelerator().is_fp16_supported():
-            raise MegamemError("train.precision=fp16: DeepSpeed has no fp16 on CPU. Fix: use train.precision=bf16 or "
-                               "fp32 on CPU (fp16 with dynamic loss scaling runs on GPUs)")
+            raise MegamemError("train.precision=fp16: DeepSpeed has no fp16 on this CPU. Fix: use train.precision=bf16 "
+                               "or fp32 on CPU (fp16 with dynamic loss scaling runs on GPUs)")
     return validate_world(config, world_size)
 
 

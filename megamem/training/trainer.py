@@ -10,6 +10,7 @@ run of them stops training, which has diverged.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -74,6 +75,10 @@ class Trainer:
         # DeepSpeed reports the norm it clipped by except where it steps torch's optimizer itself (fp32 without
         # ZeRO): there every rank keeps whole, averaged gradients, and megamem measures them before the step
         self.measures_grad_norm = config.parallel.zero_stage == 0 and config.train.precision == "fp32"
+        # there, with one replica, DeepSpeed's gradient all-reduce averages over a group of one, after copying every
+        # gradient into flat buffers and back (a tenth of a CPU step): its no_sync leaves the gradients where they are
+        self._reduction = engine.no_sync if self.measures_grad_norm and state.dp == 1 and not self.pipelined \
+            else contextlib.nullcontext
         self._pipeline_batches = self._pipeline_inputs()
 
     def train_step(self, measure_grad_norm: bool) -> dict[str, float]:
@@ -138,7 +143,8 @@ class Trainer:
             loss = self.loss_fn(self.engine(batch[:, :-1]), batch[:, 1:])
             times["forward_ms"] += self._lap(mark)
             mark = time.perf_counter()
-            self.engine.backward(loss)
+            with self._reduction():
+                self.engine.backward(loss)
             times["backward_ms"] += self._lap(mark)
             if measure_grad_norm and micro == self.accumulation - 1 and self.measures_grad_norm:
                 norm = grad_norm(self.engine.module, self.state)

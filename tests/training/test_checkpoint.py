@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from megamem.cli.main import main
 from megamem.training.checkpoint import complete_checkpoints
 from tests.paths import CONFIGS, REPO
 from tests.training.runs import losses, records, train
@@ -15,11 +16,13 @@ STEPS = 9
 SETTINGS = ["checkpoint.interval=3", "checkpoint.keep=1", "train.eval_interval=1000"]
 
 
-@pytest.fixture(scope="module")
-def reference(shards, tmp_path_factory):
-    run = tmp_path_factory.mktemp("straight")
-    train(shards, run, *SETTINGS, steps=STEPS)
-    return losses(run)
+@pytest.fixture(scope="session")
+def reference(shards, shared):
+    """The uninterrupted run, trained once for every worker (tests/shared.py)."""
+    def make(run) -> None:
+        train(shards, run, *SETTINGS, steps=STEPS)
+
+    return losses(shared.once("checkpoint-reference", make)[0])
 
 
 # One process at ZeRO 0 writes two files per checkpoint (model and optimizer states, then its RNG state): the 3rd
@@ -81,7 +84,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_continues_or_stops(shards, 
 
 
 @pytest.mark.slow
-def test_damaged_or_foreign_checkpoints_are_refused_by_name(shards, tmp_path):
+def test_damaged_or_foreign_checkpoints_are_refused_by_name(shards, tmp_path, capsys):
     run = tmp_path / "run"
     train(shards, run, "checkpoint.interval=2", "checkpoint.keep=2", "train.eval_interval=1000", steps=4)
     newest = complete_checkpoints(run)[-1]
@@ -97,14 +100,13 @@ def test_damaged_or_foreign_checkpoints_are_refused_by_name(shards, tmp_path):
     data = bytearray(model_file.read_bytes())
     data[len(data) // 2] ^= 0x01
     model_file.write_bytes(bytes(data))
-    for argv in (command, [sys.executable, "-m", "megamem.cli.main", "export", str(run), "--output",
-                           str(tmp_path / "model.safetensors")]):
-        refused = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
-        assert refused.returncode == 2 and f"{model_file} is corrupt: its sha256 differs" in refused.stderr, \
-            refused.stderr[-2000:]
-        assert "Traceback" not in refused.stderr
-    earlier = complete_checkpoints(run)[0]
-    assert f"--resume {earlier}" in refused.stderr
+    refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    exported = main(["export", str(run), "--output", str(tmp_path / "model.safetensors")])   # in this process
+    for status, err in ((refused.returncode, refused.stderr), (exported, capsys.readouterr().err)):
+        assert status == 2 and f"{model_file} is corrupt: its sha256 differs" in err, err[-2000:]
+        assert "Traceback" not in err
+        earlier = complete_checkpoints(run)[0]
+        assert f"--resume {earlier}" in err
 
     # resuming from the earlier one sets the damaged, newer one aside, so no later --resume auto picks it again
     resumed = subprocess.run(command + ["--resume", str(earlier)], cwd=REPO, capture_output=True, text=True)

@@ -25,7 +25,6 @@ from megamem.model import build_model
 from megamem.training.checkpoint_reader import _load
 from megamem.training.optimizer import parameter_group_names
 from tests.training.runs import PRECISION_STEPS, PRECISIONS, losses, records
-from tests.training.test_reshard import megamem
 
 BF16 = [name for name in PRECISIONS if name.startswith("bf16")]
 
@@ -82,13 +81,13 @@ def _split(flat: torch.Tensor, names: list[str], shapes: dict) -> dict[str, torc
     return out
 
 
-def test_reshard_of_bf16_zero1_carries_adams_moments(precision_runs, tmp_path):
+def test_reshard_of_bf16_zero1_carries_adams_moments(precision_runs, tmp_path, capsys):
     """Every moment megamem reshard writes is DeepSpeed's own fp32 moment of that parameter, to the bit."""
     source = precision_runs["bf16-zero1"]
     checkpoint = source.checkpoint(PRECISION_STEPS)
-    made = megamem("reshard", str(source.dir), "--tp", "2", "--pp", "1", "--checkpoint", str(checkpoint),
-                   "--output", str(tmp_path / "tp2"))
-    assert made.returncode == 0, made.stderr[-3000:]
+    made = main(["reshard", str(source.dir), "--tp", "2", "--pp", "1", "--checkpoint", str(checkpoint),
+                 "--output", str(tmp_path / "tp2")])
+    assert made == 0, capsys.readouterr().err[-3000:]
     config = load_config([source.dir / "config.yaml"])
     names, state = _flat_groups(checkpoint, config)
     shapes = {name: tuple(p.shape) for name, p in build_model(config, device="meta").named_parameters()}

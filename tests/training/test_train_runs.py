@@ -164,11 +164,23 @@ def one_process_model(source):
     (["parallel.pp=2", "train.precision=bf16"], 2, r"use parallel.zero_stage=1 for bf16 pipelining"),
     (["parallel.tp=2"], 3, r"3 processes cannot host parallel.tp=2 x parallel.pp=1 = 2 ranks per replica"),
     (["parallel.pp=2", "parallel.zero_stage=2"], 1, r"DeepSpeed refuses ZeRO stage 2 or 3 with pipeline parallelism"),
-    pytest.param(["train.precision=fp16"], 1, r"DeepSpeed has no fp16 on CPU", marks=pytest.mark.skipif(
-        torch.cuda.is_available(), reason="fp16 is refused on CPU only")),
 ])
 def test_layouts_the_process_count_cannot_satisfy_are_refused(shards, tmp_path, capsys, overrides, nproc, message):
     """In this process: each is refused before a rank starts, so nothing here trains."""
+    assert_refused(shards, tmp_path, capsys, overrides, nproc, message)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only refusal")
+def test_fp16_is_refused_on_a_cpu_without_it(shards, tmp_path, capsys, monkeypatch):
+    """DeepSpeed asks oneDNN whether this CPU has fp16 (recent server CPUs do): pinned to one that has none, the
+    refusal every such machine gives."""
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    monkeypatch.setattr(CPU_Accelerator, "is_fp16_supported", lambda self: False)
+    assert_refused(shards, tmp_path, capsys, ["train.precision=fp16"], 1, "DeepSpeed has no fp16 on this CPU")
+
+
+def assert_refused(shards, tmp_path, capsys, overrides, nproc, message):
     argv = ["train", str(CONFIGS / "cpu-smoke.yaml"), "--nproc", str(nproc),
             "--set", f"data.path={shards}", "--set", f"run.dir={tmp_path / 'run'}"]
     for override in overrides:

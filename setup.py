@@ -11,6 +11,7 @@ PACKAGES = {
     "megamem.config": "megamem/config",
     "megamem.model": "megamem/model",
     "megamem.cli": "megamem/cli",
+    "megamem.checkpoint": "megamem/checkpoint",
     "megamem.training": "megamem/training",
     "megamem.inference": "megamem/inference",
     "megamem.kernels": "kernels",

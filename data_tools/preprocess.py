@@ -248,12 +248,8 @@ def preprocess(args: PreprocessArgs, progress: Progress | None = None) -> Summar
                 wrote = False
         progress.update(counts.bytes_read, counts.documents, summary.tokens)
 
-    train.finish()
-    valid.finish()
+    _finish_splits(summary, train, valid)
     progress.close(counts.bytes_read, counts.documents, summary.tokens)
-    summary.train_samples, summary.valid_samples = train.samples_written, valid.samples_written
-    summary.train_shards, summary.valid_shards = len(train.shards), len(valid.shards)
-    summary.dropped_tokens = train.dropped_tokens + valid.dropped_tokens
     _check_not_empty(summary, args)
     if invalid_utf8_files:
         print(f"warning: {counts.invalid_utf8_documents} documents are not valid UTF-8 (files: "
@@ -266,6 +262,15 @@ def preprocess(args: PreprocessArgs, progress: Progress | None = None) -> Summar
     summary.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     summary.workers_peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return summary
+
+
+def _finish_splits(summary: Summary, train: Packer, valid: Packer) -> None:
+    """Write both splits' last shards and count what the splits hold."""
+    train.finish()
+    valid.finish()
+    summary.train_samples, summary.valid_samples = train.samples_written, valid.samples_written
+    summary.train_shards, summary.valid_shards = len(train.shards), len(valid.shards)
+    summary.dropped_tokens = train.dropped_tokens + valid.dropped_tokens
 
 
 def _check_args(args: PreprocessArgs) -> None:

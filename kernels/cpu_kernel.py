@@ -16,8 +16,8 @@ shared home directory never hands one machine another's binary.
 Hash and gather-sum are separate autograd Functions, as in the reference, so
 layers that share codes (Q, K, V) add their gradients of p before the input's.
 
-Packing the tables is most of a forward's cost at a few thousand tokens (MF-tiny's
-ML2, 2k tokens: 17 ms, 6 of them the gather). A model used for inference marks its
+Packing the tables reads every row of every table, so at a few thousand tokens it
+costs a forward more than the gather does. A model used for inference marks its
 tables with keep_packed (megamem.inference.load_trained does): the kernel then
 keeps each marked table's packed copy, as much memory again as the tables in
 float32, and packs again only when the table has changed (its storage or version).

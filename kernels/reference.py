@@ -2,7 +2,7 @@
 
 Shapes: N tokens (leading dims flattened), K chunks, T = tau bits per chunk,
 R = 2^tau rows per table, D = d_out. Faster kernels must agree with this file
-(spec section 1); its gradients come from autograd.
+(the equations of docs/model.md, "The Memory Layer"); its gradients come from autograd.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Triton Memory Layer: fused hash, weight and gather-sum, and its backward (spec section 1).
+"""Triton Memory Layer: fused hash, weight and gather-sum, and its backward (docs/model.md, "The Memory Layer").
 
 Shapes: N tokens, K chunks (tables), T = tau bits, R = 2^tau rows, D = d_out.
 Forward: a program owns BLOCK_N tokens x BLOCK_D output columns and walks the K

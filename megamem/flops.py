@@ -4,7 +4,8 @@ Counted: walks the built model. A Linear d_in x d_out costs d_in * d_out MACs pe
 token; a Memory Layer costs K * d_out (one multiply-add per retrieved element);
 attention costs 2 s^2 d per sequence over the full square, as the paper counts.
 Paper formula: 2 s^2 d + 12 s d^2 for a dense block and 2 s^2 d + 6 K s d for a
-MemoryFormer block (spec section 4), the approximation behind the paper's Table 1.
+MemoryFormer block, the approximation behind Table 1 of the paper (docs/model.md,
+"Multiply-adds megamem counts").
 The two columns differ for MemoryFormer: counted, its Memory Block costs
 K (tau+2) K + K d = 2.25 K d per token at tau = 8, where the formula assumes 3 K d.
 Hashing and p (O(d) per layer) are not counted in either column.

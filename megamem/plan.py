@@ -1,8 +1,8 @@
 """Memory plan of a run: parameters and bytes per rank for a parallel layout.
 
 How a user sizes a billion-parameter MemoryFormer before queueing it. Tables
-dominate the parameters (spec section 3), so the plan separates them from the
-rest. Rules (shared/spec/parallel.md):
+dominate the parameters (docs/model.md, "Table sizes"), so the plan separates them from the
+rest. Rules (docs/parallel.md, "Tensor parallelism" to "Data parallelism and ZeRO"):
 - tensor parallelism splits parameters as megamem.parallel.parallelize does
   (the plan applies it to a meta model): tables by columns or by whole tables,
   Norm3 with ML1's columns, Linear weights, the embedding and the head; norms

@@ -5,7 +5,7 @@ parallel), which ranks hold different parts of one model (its gradient norm sums
 shards over them and counts a replicated parameter once), and checkpoint file
 names (mp_rank_XX). There is deliberately no `initialize_sequence_parallel`:
 with it DeepSpeed takes the group for Ulysses sequence parallelism and drops it
-(shared/spec/parallel.md, "DeepSpeed").
+(docs/parallel.md, "DeepSpeed").
 """
 from __future__ import annotations
 

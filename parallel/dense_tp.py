@@ -21,8 +21,8 @@ from torch import nn
 
 from megamem.model.blocks import DenseBlock
 from megamem.parallel.mappings import SEQUENCE_DIM, TensorParallelGroup, all_gather, reduce_scatter, replicated_grad
-from megamem.parallel.marks import shard_parameter
 from megamem.parallel.norms import TokenNorm
+from megamem.parallel.sharding import shard_parameter
 
 
 class RowParallelLinear(nn.Module):

@@ -1,10 +1,10 @@
 """The exchange of hashed chunks: a Memory Layer under tensor parallelism ships a
-token's codes and p (K small numbers), never its activation (spec: "The one pattern").
+token's codes and p (K small numbers), never its activation (docs/parallel.md, "Tensor parallelism").
 
 Codes travel as their narrowest integer, one byte up to 8 bits and two up to 15
 (sent as raw bytes: gloo has no int16), and carry no gradient. p travels in
 `p_dtype` (fp32, or fp16 to halve those bytes: fp16 keeps 11 significant bits at
-any magnitude in its range, and p lies in (2^-tau, 1], or that times the chunk's
+any magnitude in its range, and p lies in [2^-tau, 1), or that times the chunk's
 L1 norm with l1 weighting) and is handed on in fp32; its gradient travels back the
 same way.
 Hashing happens once, where the tokens (or the chunks) live, so every rank that

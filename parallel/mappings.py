@@ -1,6 +1,6 @@
 """Every collective of tensor parallelism, as autograd Functions that count their bytes.
 
-Each forward has its dual as backward (shared/spec/parallel.md):
+Each forward has its dual as backward (docs/parallel.md, "What each collective moves"):
   all_gather      <-> reduce_scatter       (codes and p out to the ranks that look up; grad p back)
   all_to_all      <-> the reverse all_to_all (heads-sharded <-> sequence-sharded activations)
   replicated_grad: identity <-> all_reduce (a weight every rank holds, used on its own tokens)
@@ -9,7 +9,7 @@ Each forward has its dual as backward (shared/spec/parallel.md):
 On a group of one each is the identity and moves nothing.
 
 Byte counts are what this rank *receives* in the usual ring algorithms, the
-measure shared/spec/parallel.md uses: an all-gather receives the other ranks'
+measure docs/parallel.md uses: an all-gather receives the other ranks'
 parts, (tp-1)/tp of its output; a reduce-scatter and an all-to-all (tp-1)/tp of
 their input; an all-reduce twice that. gloo builds reduce-scatter from
 all-reduces, so counting is arithmetic, never timing.

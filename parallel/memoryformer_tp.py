@@ -4,7 +4,7 @@ Both take the plain block's parts (parameter names unchanged), keep the
 residual sequence-parallel ([B, S/tp, d] per rank: each rank holds a contiguous
 run of every sequence's positions) and run attention on whole heads.
 
-column (the default; shared/spec/parallel.md, "The recommended block"): every
+column (the default; docs/parallel.md, "The recommended block"): every
 table is split by output columns, so a rank needs only a token's codes and p:
     a = Norm1(x) on local tokens; hash; all-gather codes and p over the sequence
     Q, K, V of this rank's heads for all tokens; attention; all-to-all O back to the residual
@@ -15,7 +15,7 @@ table is split by output columns, so a rank needs only a token's codes and p:
 Q, K and V use one gathered p, so their three partial gradients of p are added
 before the one reduce-scatter that carries them back.
 
-table (TorchRec's table-wise placement; spec: "The alternative"): rank r owns
+table (TorchRec's table-wise placement; docs/parallel.md, "The table layout"): rank r owns
 whole tables, chunks [r K/tp, (r+1) K/tp) of every layer. Codes and p are routed
 to each chunk's owner with an all-to-all, the owner sums its chunks' rows for all
 tokens at full width, and the partial sums are reduce-scattered: to the head
@@ -32,8 +32,8 @@ from torch import nn
 from megamem.model.blocks import MemoryFormerBlock
 from megamem.parallel.hashed_exchange import gather_hashed, route_hashed
 from megamem.parallel.mappings import SEQUENCE_DIM, TensorParallelGroup, all_to_all, reduce_scatter, replicated_grad
-from megamem.parallel.marks import shard_parameter
 from megamem.parallel.norms import SplitWidthNorm, TokenNorm
+from megamem.parallel.sharding import shard_parameter
 
 
 class _TensorParallelMemoryFormerBlock(nn.Module):

@@ -7,9 +7,9 @@ engine then sees the right gradient without a hook of its own.
 
 `SplitWidthNorm` is Norm3 of the column layout: ML1's output [S, W] is split by
 columns, so the statistics over W are all-reduced, fp32 [S, 1] each (two passes
-for LayerNorm: the mean, then the centred sum of squares, as a one-process
+for LayerNorm: the sum, for the mean, then the centred sum of squares, as a one-process
 LayerNorm computes them; one for RMSNorm), forward and, through the same
-autograd all-reduce, backward (spec: "The recommended block", step 6). Its
+autograd all-reduce, backward (docs/parallel.md, "The recommended block", step 6). Its
 weight and bias are sliced like ML1's columns.
 
 Both take their parameters over from the plain norm, so names do not change.

@@ -9,47 +9,41 @@ the final norm, the head; the loss runs on the last stage. They reach DeepSpeed
 as modules on the meta device, and only this stage's are given memory and their
 seeded values (megamem.model.init.materialize, by their plain names), so no rank
 allocates another stage's tables and every layout starts from the same weights.
-Stages are split by block type, so each holds an equal share of table memory;
-the split is megamem plan's (`blocks_per_stage`), asserted against DeepSpeed's.
+Stages are split by block type, so their table memory differs by at most one
+block's; the split is megamem plan's (`blocks_per_stage`), asserted against DeepSpeed's.
 What passes between stages is the residual, sequence-parallel under tp > 1: each
 tensor-parallel rank sends its own positions to the same rank of the next stage
 (`pipe_partitioned` off, megamem.training.deepspeed_config).
 
 DeepSpeed builds its own grid (pipe, data, model; model fastest): the same
-membership as ParallelState's tp, dp and pp groups, which is asserted, so the
-layers' tensor-parallel group is the grid's slice group.
+membership as ParallelState's tp, dp and pp groups, which megamem.training.engine
+asserts with assert_grid_matches, so the layers' tensor-parallel group is the
+grid's slice group. Layer-numbered names map to plain ones by
+megamem.parallel.pipeline_layout.plain_names.
 """
 from __future__ import annotations
 
 import torch
-from deepspeed.pipe import PipelineModule
-from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-from deepspeed.runtime.utils import partition_balanced
 from torch import nn
 
 from megamem.config.schema import Config
+from megamem.deepspeed_import import import_deepspeed
 from megamem.errors import MegamemError
 from megamem.model.init import materialize
 from megamem.model.language_model import LanguageModel
-from megamem.parallel.pipeline_layout import layer_names, pipeline_layers, plain_name, stage_bounds
+from megamem.parallel.pipeline_layout import pipeline_layers, stage_bounds
 from megamem.parallel.state import ParallelState
 
 BLOCK_TYPE = {"memoryformer": "MemoryFormerBlock", "dense": "DenseBlock"}
 
 
-class NamedPipelineModule(PipelineModule):
-    """A PipelineModule that knows each layer's plain name: DeepSpeed numbers layers, users and exports read names."""
-
-    def __init__(self, layers: list[nn.Module], num_layers: int, **kwargs):
-        super().__init__(layers, **kwargs)
-        self.layer_names = layer_names(num_layers)
-
-    def plain_name(self, name: str) -> str:
-        return plain_name(name, self.layer_names)
-
-
 def pipeline_module(model: LanguageModel, config: Config, state: ParallelState, loss_fn,
-                    device: torch.device) -> NamedPipelineModule:
+                    device: torch.device) -> nn.Module:
+    import_deepspeed()
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+    from deepspeed.runtime.utils import partition_balanced
+
     if config.model.tie_embeddings:
         raise ValueError("a tied embedding and head cannot be pipelined (config validation refuses it)")
     n = len(model.blocks)
@@ -62,11 +56,10 @@ def pipeline_module(model: LanguageModel, config: Config, state: ParallelState, 
                            f"blocks (a divisor of model.num_layers always does)")
     materialize(model, device, config.run.seed, parts=layers[bounds[state.pp_rank]:bounds[state.pp_rank + 1]])
     topology = PipeModelDataParallelTopology(num_pp=state.pp, num_mp=state.tp, num_dp=state.dp)
-    pipe = NamedPipelineModule(layers, n, topology=topology, loss_fn=loss_fn,
-                               partition_method=f"type:{BLOCK_TYPE[config.model.arch]}")
+    pipe = PipelineModule(layers, topology=topology, loss_fn=loss_fn,
+                          partition_method=f"type:{BLOCK_TYPE[config.model.arch]}")
     if [int(b) for b in pipe.parts] != bounds:
         raise RuntimeError(f"DeepSpeed split the pipeline at {list(pipe.parts)}, not at {bounds}")
-    assert_grid_matches(pipe._grid, state)
     return pipe
 
 

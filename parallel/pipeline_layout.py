@@ -1,11 +1,13 @@
 """Which blocks each pipeline stage holds.
 
 Every MemoryFormer block has the same tables, so contiguous, balanced runs of
-blocks give each stage an equal share of table memory (shared/spec/parallel.md);
-the embedding sits on the first stage and the final norm and head on the last.
+blocks give the stages table memory within one block's of each other
+(docs/parallel.md, "Pipeline stages"); the embedding sits on the first stage and
+the final norm and head on the last.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import accumulate
 
 
@@ -22,7 +24,6 @@ def stage_of_block(index: int, counts: list[int]) -> int:
         if index < end:
             return stage
     raise IndexError(f"block {index} is beyond the {sum(counts)} blocks of the split {counts}")
-
 
 
 def pipeline_layers(model) -> list:
@@ -49,3 +50,12 @@ def plain_name(name: str, names: list[str]) -> str:
     if not index.isdigit():
         return name
     return f"{names[int(index)]}.{rest}" if rest else names[int(index)]
+
+
+def plain_names(num_layers: int, pp: int) -> Callable[[str], str]:
+    """How a layout's parameter and module names map to the plain model's: a pipeline numbers its layers, every
+    other layout keeps the plain names."""
+    if pp == 1:
+        return str
+    names = layer_names(num_layers)
+    return lambda name: plain_name(name, names)

@@ -1,6 +1,6 @@
 """Bytes one rank receives for one block under tensor parallelism, by formula.
 
-The arithmetic of shared/spec/parallel.md, written out collective by collective
+The arithmetic of docs/parallel.md ("What each collective moves"), written out collective by collective
 for what megamem's blocks do (megamem.parallel.memoryformer_tp and dense_tp), so
 that the byte counters of megamem.parallel.mappings can be checked against it
 (tests/parallel) and benchmarks/comm_volume.py can extend it to sizes no CPU
@@ -77,7 +77,7 @@ def pythia_block(m: ModelConfig, tp: int, act_bytes: int, tokens: int) -> Traffi
 
 
 def megatron_sequential_block(m: ModelConfig, tp: int, act_bytes: int, tokens: int) -> Traffic:
-    """Megatron's sequential block with sequence parallelism (spec's comparison): an all-gather and a
+    """Megatron's sequential block with sequence parallelism (the comparison in docs/parallel.md): an all-gather and a
     reduce-scatter around attention and around the MLP; backward their duals plus the re-gather of both
     inputs (Megatron keeps the local input and gathers it again for the weight gradient). Its replicated
     weights (norms, the two output biases) are counted like megamem's, per micro-batch; Megatron reduces

@@ -1,4 +1,4 @@
-"""The model's two ends split over the vocabulary (shared/spec/parallel.md, "Embedding and head").
+"""The model's two ends split over the vocabulary (docs/parallel.md, "Embedding and head").
 
 Embedding: every rank has every token id, looks up the ids of its vocabulary
 slice (zeros for the others), and the reduce-scatter both adds the slices'
@@ -18,7 +18,7 @@ from torch import nn
 
 from megamem.model.embedding import LMHead, TokenEmbedding
 from megamem.parallel.mappings import SEQUENCE_DIM, TensorParallelGroup, all_gather, all_reduce_no_grad, reduce_scatter
-from megamem.parallel.marks import shard_parameter
+from megamem.parallel.sharding import shard_parameter
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -21,7 +21,8 @@ def test_memoryformer_base_has_6_64_billion_table_parameters():
 
 
 def test_one_gpu_cannot_hold_memoryformer_base():
-    """About 16 bytes per parameter in mixed precision: 6.75 B x 16 B is ~100 GiB (spec: parallel.md)."""
+    """About 16 bytes per parameter in mixed precision: 6.75 B x 16 B is ~100 GiB (docs/parallel.md, "Data
+    parallelism and ZeRO")."""
     report = plan_report(load_config([BASE]), tp=1, pp=1, dp=1, zero=0, micro_batch=1, gpu_mem_gib=80)
     states = report["per_rank_bytes"]
     assert states["weights"] + states["gradients"] + states["optimizer_state"] == 16 * report["total_params"]

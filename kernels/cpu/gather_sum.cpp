@@ -1,23 +1,22 @@
-// Gather-sum of the CPU Memory Layer and its backward (spec section 1).
+// Gather-sum of the CPU Memory Layer and its backward (docs/model.md, "The Memory Layer").
 //
 // The work is one weighted row read per token and table, so speed is decided by where the rows come from.
 // The forward walks the tables in column blocks of kBlock floats, from a contiguous float copy laid out
 // [block][table][row][kBlock] (the tables' own rows sit 4 D bytes apart, a power of two that maps a column
 // slice onto a few cache sets). It makes that copy on every call, unless the caller kept one (pack_tables):
-// at a few thousand tokens the copy is most of the call (MF-tiny ML2, 2k tokens: 17 ms, 6 with a kept copy).
+// the copy reads every row of every table, so at a few thousand tokens it costs more than the gather itself.
 //   forward: a thread owns a range of tokens; per tile of them and column block, tokens stream over a group of
 //            up to four tables whose block fits in L2, reading and writing the tile's partial sums once per
 //            group. A tile is the thread's whole range up to 16k tokens: the tables then come from memory once
-//            per thread, and that outweighs partial sums that spill from L2 (8k tokens, tables of 1024 rows:
-//            51 -> 32 ms against 2k-token tiles). Software prefetches hide what the hardware cannot predict: a
-//            token's rows (L2 -> L1, a few tokens ahead) and the next group's block (memory -> L2, a slice per
-//            token).
+//            per thread, which outweighs the partial sums' spilling from L2 at large tiles. Software prefetches
+//            hide what the hardware cannot predict: a token's rows (L2 -> L1, a few tokens ahead) and the next
+//            group's block (memory -> L2, a slice per token).
 //   backward: per tile of tokens and table, tokens are bucketed by code; a row and its gradient stay in
 //            registers while the tokens that chose it stream past, so each token and table costs one read of
 //            dy instead of a row read plus a read and a write of its gradient. Each row block is read once, so
 //            it is read where it is, not copied. A thread owns whole tables; the last tile writes the gradient
 //            straight into the tables' layout with stores that bypass the caches, and with one tile (up to 16k
-//            tokens) that is the only write (ML2, 2k tokens: 34 -> 28 ms).
+//            tokens) that is the only write: no blocked gradient is written and then copied out.
 // No atomics: every value has one writer, and every sum runs in a fixed order (tables ascending, tokens
 // ascending, column blocks ascending) whatever the thread count, so results are bit-identical run to run and
 // across thread counts.
@@ -149,9 +148,8 @@ Entries entries_of(const int16_t* codes, const float* p, const Layout& s) {
 
 // Few tokens (decoding): reading their rows in place beats copying the tables, which reads all R rows of each. The
 // rows come from memory at addresses only the codes tell, so each work item fetches the rows of the tables
-// kTablesAhead on while it sums one, and a token's columns are cut into as many pieces as it takes to give every
-// thread work, even for one token (QKV-sized tables, rows from memory, two threads: 10.1 -> 8.5 us for one
-// token, 1.23 -> 0.69 ms for 100).
+// kTablesAhead on while it sums one, so that several rows are on their way at once, and a token's columns are
+// cut into as many pieces as it takes to give every thread work, even for one token.
 constexpr int64_t kSumFloats = 512;               // columns summed at a time: their partial sums stay in L1
 constexpr int64_t kTablesAhead = 4;
 
@@ -306,8 +304,8 @@ Buckets buckets_of(const int16_t* codes, const float* p, const Layout& s) {
 // Tokens are visited bucket by bucket, so a table row and its gradient stay in registers while the tokens that
 // chose it stream past: one read of dy per token and table, instead of reading the row and reading and writing
 // its gradient. A thread owns whole tables: whole rows of the table gradient and whole columns of dp. The dy tile
-// outgrows L2 (1 MB at 8k tokens), so the dy of the visit kAhead on is fetched into L1 ahead of its use (MF-tiny
-// QKV, 8k tokens: 48 -> 40 ms).
+// outgrows L2 (1 MB at 8k tokens), and the buckets visit its rows out of order, so the dy of the visit kAhead on
+// is fetched into L1 ahead of its use.
 template <typename T>
 void gather_sum_backward_blocked(const T* dy, const int16_t* codes, const float* p, const T* tables, const Layout& s,
                                  T* dtables, float* dp) {

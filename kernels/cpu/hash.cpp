@@ -1,4 +1,4 @@
-// Hashing and weights of the CPU Memory Layer, and the input's gradient (spec section 1).
+// Hashing and weights of the CPU Memory Layer, and the input's gradient (docs/model.md, "The Memory Layer").
 //
 // Per token, the exponentials exp(-2|z|/t) of the whole row are computed eight at a time; a chunk's code and
 // its weight p = prod_i sigmoid(2|z_i|/t) = 1 / prod_i (1 + exp(-2|z_i|/t)) are then read off them, eight

@@ -1,4 +1,4 @@
-// The CPU Memory Layer's operations (spec section 1), on checked, contiguous CPU tensors.
+// The CPU Memory Layer's operations (docs/model.md, "The Memory Layer"), on checked, contiguous CPU tensors.
 //
 // Shapes: N tokens, K chunks (tables), T = tau bits, R = 2^tau rows, D = d_out.
 //   hash(x [N, K*T]) -> codes [N, K] int16, p [N, K] float32

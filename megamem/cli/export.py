@@ -9,7 +9,7 @@ Consolidate the newest complete checkpoint of a run (or --checkpoint DIR), of an
 layout, into fp32 weights for one process:
   --format safetensors (default): one .safetensors file with the run's config in
       its metadata, for megamem eval / generate / lm-eval, or
-      megamem.training.export.load_exported(path) -> (model, config);
+      megamem.inference.export.load_exported(path) -> (model, config);
   --format hf: a directory that transformers loads without megamem, with
       AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) and
       AutoTokenizer.from_pretrained(DIR): config.json, model.safetensors, the
@@ -32,8 +32,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megamem.inference.export import export_model
     from megamem.inference.hf_export import export_hf
-    from megamem.training.export import export_model
 
     output = Path(args.output)
     if args.format == "hf":

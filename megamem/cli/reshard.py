@@ -33,16 +33,15 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megamem.checkpoint.catalog import newest_checkpoint
+    from megamem.checkpoint.universal import reshard
     from megamem.config import load_config
-    from megamem.training.export import newest_checkpoint
-    from megamem.training.reshard import reshard
 
     run_dir = Path(args.run_dir)
-    source_config = load_config([run_dir / "config.yaml"])
     target = load_config([run_dir / "config.yaml"], [f"parallel.tp={args.tp}", f"parallel.pp={args.pp}",
                                                      *args.overrides])
     checkpoint = Path(args.checkpoint) if args.checkpoint else newest_checkpoint(run_dir)
-    written = reshard(checkpoint, source_config, target, Path(args.output), args.weights_only)
+    written = reshard(checkpoint, target, Path(args.output), args.weights_only)
     print(f"megamem reshard: {checkpoint} -> {written} (tp={args.tp}, pp={args.pp}); continue it with: "
           f"megamem train {Path(args.output) / 'config.yaml'} --nproc N")
     return 0

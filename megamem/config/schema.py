@@ -4,7 +4,7 @@ Each section is a small dataclass, and each component is handed only its own
 section. Field names are part of the user interface (scripts and docs refer to
 them by dotted path, e.g. `model.hidden_size`), so renaming one is a breaking
 change. Defaults follow the MemoryFormer paper and the Pythia recipe it trains
-with (shared/spec/memoryformer.md sections 1-3).
+with (docs/model.md lists megamem's choices where the paper leaves one open).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class ModelConfig:
     num_heads: int = 8
     vocab_size: int = 50277
     seq_len: int = 2048
-    # Memory Layers (spec section 1).
+    # Memory Layers (docs/model.md, "The Memory Layer").
     tau: int = 8
     expanding_bits: int = 2
     temperature: float = 1.0
@@ -97,7 +97,7 @@ class ScheduleConfig:
 
 @dataclass
 class ParallelConfig:
-    """Layout of a run (shared/spec/parallel.md). `table_sharding`: how tensor parallelism splits a
+    """Layout of a run (docs/parallel.md). `table_sharding`: how tensor parallelism splits a
     Memory Layer, by output columns (codes and p all-gathered; the default) or by whole tables (codes
     and p routed to each table's owner, partial sums reduce-scattered). `p_dtype`: the dtype p and its
     gradient travel in between ranks (computed in fp32 either way)."""

@@ -41,13 +41,13 @@ def validate_world(config: Config, world_size: int) -> int:
 
 
 def num_chunks(model: ModelConfig) -> int:
-    """K = hidden_size / tau, the number of hashed chunks per token (spec section 1)."""
+    """K = hidden_size / tau, the number of hashed chunks per token (docs/model.md, "The Memory Layer")."""
     return model.hidden_size // model.tau
 
 
 def padded_vocab_size(model: ModelConfig, parallel: ParallelConfig) -> int:
     """Vocabulary rounded up to vocab_pad_multiple x tp, as Megatron does, so the
-    vocabulary-parallel embedding and head split evenly (spec: parallel.md)."""
+    vocabulary-parallel embedding and head split evenly (docs/parallel.md, "Embedding and head")."""
     multiple = model.vocab_pad_multiple * parallel.tp
     return -(-model.vocab_size // multiple) * multiple
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megamem.checkpoint.read import VOCAB_PARAMETERS
 from megamem.config.schema import Config
 from megamem.data_tools.tokenizer import ByteTokenizer, load_tokenizer
 from megamem.durable import atomic_write
 from megamem.errors import MegamemError
 from megamem.inference.load import TrainedModel, load_trained
-from megamem.training.export import VOCAB_PARAMETERS
 
 MODELING_FILE = Path(__file__).with_name("modeling_megamem.py")
 

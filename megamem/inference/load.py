@@ -3,7 +3,7 @@
 Every command that uses a trained model goes through load_trained, so each reads
 checkpoints of every layout the trainer writes (tensor- and pipeline-parallel
 shards, ZeRO partitions, resharded ones) in the same way, through
-megamem.training.checkpoint_reader, into the one-process model.
+megamem.checkpoint.read, into the one-process model.
 """
 from __future__ import annotations
 
@@ -13,8 +13,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from megamem.checkpoint.catalog import newest_checkpoint
+from megamem.checkpoint.format import MARKER, is_complete
+from megamem.checkpoint.read import one_process_weights
+from megamem.config import load_config
 from megamem.config.schema import Config
 from megamem.errors import MegamemError
+from megamem.inference.export import load_exported, with_kernel
+from megamem.kernels.cpu_kernel import keep_packed
+from megamem.model import build_model
+from megamem.model.memory_layer import MemoryLayer
 
 
 @dataclass
@@ -26,16 +34,11 @@ class TrainedModel:
 
 def load_trained(path: str | Path, device: str | torch.device = "cpu", kernel: str | None = None) -> TrainedModel:
     """`kernel`: the Memory Layer kernel to run with instead of the run's model.kernel (megamem.kernels)."""
-    from megamem.config import load_config
-    from megamem.model import build_model
-    from megamem.training.checkpoint import MARKER
-    from megamem.training.export import load_exported, newest_checkpoint, one_process_weights, with_kernel
-
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
         model, config = load_exported(path, str(device), kernel)
         return TrainedModel(for_inference(model), config, path)
-    if (path / MARKER).is_file():
+    if is_complete(path):
         checkpoint, run_dir = path, path.parent.parent
     elif (path / "config.yaml").is_file():
         checkpoint, run_dir = newest_checkpoint(path), path
@@ -62,9 +65,6 @@ def for_inference(model: nn.Module) -> nn.Module:
 def keep_packed_tables(model: nn.Module, keep: bool = True) -> None:
     """Marks every Memory Layer table of `model` for the CPU kernel's kept packed copy, or unmarks them
     (megamem.kernels.cpu_kernel: the copy costs as much memory as the tables, and saves packing per call)."""
-    from megamem.kernels.cpu_kernel import keep_packed
-    from megamem.model.memory_layer import MemoryLayer
-
     for module in model.modules():
         if isinstance(module, MemoryLayer):
             keep_packed(module.tables, keep)

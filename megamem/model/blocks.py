@@ -1,6 +1,6 @@
 """The two transformer blocks megamem trains, built from the same parts.
 
-MemoryFormerBlock (spec section 2), pre-norm with a sequential residual:
+MemoryFormerBlock (docs/model.md, "The MemoryFormer block"), pre-norm with a sequential residual:
     a = Norm1(X);  Q, K, V = ML_Q(a), ML_K(a), ML_V(a)   (one shared hashing of a)
     Z = X + MHA(Q, K, V)                                  (no output projection)
     Y = Z + ML2(Norm3(ML1(Norm2(Z))))                     (the Memory Block)

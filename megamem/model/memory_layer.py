@@ -1,4 +1,5 @@
-"""Memory Layer: the MemoryFormer replacement for a Linear d_in -> d_out (spec section 1).
+"""Memory Layer: the MemoryFormer replacement for a Linear d_in -> d_out
+(docs/model.md, "The Memory Layer").
 
 A token's vector is cut into K = d_in / tau chunks; each chunk's sign bits pick a
 row of its own table [2^tau, d_out]; the rows, weighted by p, are summed. The hash
@@ -91,7 +92,7 @@ class MemoryLayer(nn.Module):
             self.observer(self, codes, p, first_chunk)
 
     def macs_per_token(self) -> int:
-        """One multiply-add per retrieved element: K rows of d_out (spec section 4)."""
+        """One multiply-add per retrieved element: K rows of d_out (docs/model.md, "Multiply-adds megamem counts")."""
         return self.num_chunks * self.out_features
 
     def extra_repr(self) -> str:

@@ -22,16 +22,14 @@ import torch.distributed as dist
 from torch import nn
 
 from megamem.model.memory_layer import MemoryLayer
+from megamem.training.engine import whole_shape
 
 KIND_OF = {"q": "qkv", "ml1": "ml1", "ml2": "ml2"}
 
 
 def whole_chunks(layer: MemoryLayer) -> int:
-    """The chunk count of the whole layer: a tensor-parallel shard records the whole shape it was cut from, and
-    ZeRO-3 keeps a partitioned parameter empty outside forward, with its shape in ds_shape."""
-    tables = layer.tables
-    shard = getattr(tables, "shard", None)
-    return (shard.full_shape if shard is not None else getattr(tables, "ds_shape", tables.shape))[0]
+    """The chunk count of the whole layer, whether tensor parallelism or ZeRO 3 cut its tables."""
+    return whole_shape(layer.tables)[0]
 
 
 class BucketStats:

@@ -139,7 +139,7 @@ class LocalRanks:
         running_killed = [rank for rank in killed if rank not in stalled]
         if running_killed:
             rest += f"; killed rank(s) {', '.join(map(str, running_killed))} still running after {RANK_GRACE_S:.0f} s"
-        from megamem.training.checkpoint import complete_checkpoints
+        from megamem.checkpoint.catalog import complete_checkpoints
 
         saved = complete_checkpoints(self.run_dir)
         resume = f"it continues from {saved[-1]}" if saved else "no checkpoint was saved yet, so it starts over"

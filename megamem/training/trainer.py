@@ -10,9 +10,7 @@ run of them stops training, which has diverged.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -21,47 +19,26 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megamem.config.schema import Config
-from megamem.data_tools.loader import TrainLoader, valid_batches
+from megamem.checkpoint.catalog import set_aside_newer
+from megamem.checkpoint.checks import check_files, check_same_layout, check_same_model
+from megamem.checkpoint.format import SHARDED, DataPosition, Marker, read_marker
+from megamem.checkpoint.write import CheckpointNotSaved, save_checkpoint
+from megamem.data_tools.loader import valid_batches
 from megamem.errors import MegamemError
-from megamem.parallel.grad_norm import grad_norm
 from megamem.parallel.replica_checks import assert_same_batch
-from megamem.parallel.state import ParallelState
-from megamem.stop_signals import StopRequest
-from megamem.training.bucket_stats import BucketStats
-from megamem.training.checkpoint import (
-    MARKER,
-    CheckpointNotSaved,
-    check_files,
-    check_same_layout,
-    check_same_model,
-    load_checkpoint,
-    save_checkpoint,
-    set_aside_newer,
-)
-from megamem.training.metrics import MetricsLogger
-from megamem.training.optimizer import schedule_at
-from megamem.training.reshard import is_universal, load_universal
+from megamem.training.run import Run
 
 SPIKE_HISTORY = (10, 20)        # train.spike_rollback compares a loss with the mean of the last 10 to 20
 MAX_ROLLBACKS_TO_ONE_CHECKPOINT = 3
 
 
 class Trainer:
-    """`loss_fn(logits, targets)` is handed in: lm_loss for a whole head, megamem.parallel's
-    vocabulary-parallel cross-entropy for a split one; the trainer never looks inside the logits.
-    `sharded` is what checkpoints record of the tensor-parallel shards (megamem.parallel.marks.partitions of
-    the whole model: a pipeline stage holds only some of them)."""
+    """Trains a Run; how a step runs (a pipeline or not) is the engine's business (megamem.training.engine)."""
 
-    def __init__(self, config: Config, state: ParallelState, engine, loss_fn, loader: TrainLoader,
-                 valid_manifests: list,
-                 logger: MetricsLogger, stats: BucketStats, flops_per_token: int, device: torch.device,
-                 sharded: dict[str, list[int]], stop: StopRequest):
-        self.stop = stop
-        self.sharded = sharded                      # {plain name: [dim, stride]} of every tensor-parallel shard
-        self.config, self.state, self.engine, self.loss_fn, self.loader = config, state, engine, loss_fn, loader
-        self.valid_manifests, self.logger, self.stats = valid_manifests, logger, stats
-        self.flops_per_token, self.device = flops_per_token, device
+    def __init__(self, run: Run):
+        self.run = run
+        self.config, self.state, self.engine, self.loader = run.config, run.state, run.engine, run.loader
+        self.logger, self.stats, self.device, self.stop = run.logger, run.stats, run.device, run.stop
         self.step = 0
         self.consecutive_skips = 0
         self.recent_losses: list[float] = []         # for train.spike_rollback
@@ -69,40 +46,29 @@ class Trainer:
         self.last_checkpoint: Path | None = None      # the same on every rank: what a rollback returns to
         self.rollbacks_to_last = 0
         self._valid_batches: list[torch.Tensor] | None = None     # the same every evaluation: read once
-        self.accumulation = engine.gradient_accumulation_steps()
         self._batch_checked = False                 # tensor-parallel ranks hold the same batch: checked once
-        self.pipelined = state.pp > 1
-        # DeepSpeed reports the norm it clipped by except where it steps torch's optimizer itself (fp32 without
-        # ZeRO): there every rank keeps whole, averaged gradients, and megamem measures them before the step
-        self.measures_grad_norm = config.parallel.zero_stage == 0 and config.train.precision == "fp32"
-        # there, with one replica, DeepSpeed's gradient all-reduce averages over a group of one, after copying every
-        # gradient into flat buffers and back (a tenth of a CPU step): its no_sync leaves the gradients where they are
-        self._reduction = engine.no_sync if self.measures_grad_norm and state.dp == 1 and not self.pipelined \
-            else contextlib.nullcontext
-        self._pipeline_batches = self._pipeline_inputs()
+        self._optimizer_order = self.engine.optimizer_order()
 
     def train_step(self, measure_grad_norm: bool) -> dict[str, float]:
-        """One optimizer step over `accumulation` micro-batches; returns its scalars."""
-        # a pipeline interleaves micro-batches' forwards and backwards across stages: only the whole step is timed
-        times = {} if self.pipelined else dict.fromkeys(("data_ms", "forward_ms", "backward_ms", "optimizer_ms"), 0.0)
+        """One optimizer step over the engine's accumulation of micro-batches; returns its scalars."""
         counter = self.state.tensor_parallel.counter
         counter.reset()
         skipped_before = self.engine.skipped_steps
         started = time.perf_counter()
-        loss, norm = self._run_step(times, measure_grad_norm)
+        loss, norm, times = self.engine.train_step(self._next_batch, measure_grad_norm)
         skipped = self.engine.skipped_steps > skipped_before
         self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
         step_ms = (time.perf_counter() - started) * 1e3
-        tokens = self.config.train.micro_batch_size * self.accumulation * self.config.model.seq_len
+        tokens = self.config.train.micro_batch_size * self.engine.accumulation * self.config.model.seq_len
         replica_tokens_per_sec = tokens / (step_ms / 1e3)      # every rank of a replica works on the same tokens
-        tflops = replica_tokens_per_sec * self.flops_per_token / 1e12 / (self.state.tp * self.state.pp)
+        tflops = replica_tokens_per_sec * self.run.flops_per_token / 1e12 / (self.state.tp * self.state.pp)
         traffic = {} if self.state.tp == 1 else {      # what this rank received from its tensor-parallel group
             "tp_forward_bytes_per_token": counter.total("forward") / tokens,
             "tp_backward_bytes_per_token": counter.total("backward") / tokens}
-        return {"loss": loss, "lr": self.engine.get_lr()[0], **traffic, "skipped": float(skipped),
+        return {"loss": loss, "lr": self.engine.lr, **traffic, "skipped": float(skipped),
                 "skipped_steps": float(self.engine.skipped_steps),
                 "grad_norm": float(norm) if norm is not None else float("nan"),
-                "loss_scale": loss_scale(self.engine.optimizer),
+                "loss_scale": self.engine.loss_scale,
                 "tokens_per_sec": replica_tokens_per_sec * self.state.dp,
                 "samples_per_sec": replica_tokens_per_sec * self.state.dp / self.config.model.seq_len,
                 "tflops_per_gpu": tflops, "mfu": tflops / self.config.logging.peak_tflops,
@@ -115,92 +81,26 @@ class Trainer:
             self._batch_checked = True
         return batch
 
-    def _pipeline_inputs(self):
-        """(inputs, targets) as DeepSpeed's pipeline reads them: the first stage takes inputs, the last targets,
-        the stages between read nothing."""
-        while True:
-            batch = self._next_batch()
-            yield batch[:, :-1], batch[:, 1:]
-
-    def _run_step(self, times: dict[str, float], measure_grad_norm: bool) -> tuple[torch.Tensor, float | None]:
-        """How a step runs: the one place that talks to the engine's forward, backward and step.
-
-        Returns the step's mean loss and the gradient norm of the whole model (None
-        where the engine does not report one). A pipeline runs the whole step in
-        train_batch, whose loss is the last stage's, averaged over the micro-batches
-        and data-parallel replicas and broadcast to every stage.
-        """
-        if self.pipelined:
-            loss = self.engine.train_batch(self._pipeline_batches)
-            return loss.detach().float(), self.engine.get_global_grad_norm()
-        losses = []
-        norm = None
-        for micro in range(self.accumulation):
-            mark = time.perf_counter()
-            batch = self._next_batch()
-            times["data_ms"] += self._lap(mark)
-            mark = time.perf_counter()
-            loss = self.loss_fn(self.engine(batch[:, :-1]), batch[:, 1:])
-            times["forward_ms"] += self._lap(mark)
-            mark = time.perf_counter()
-            with self._reduction():
-                self.engine.backward(loss)
-            times["backward_ms"] += self._lap(mark)
-            if measure_grad_norm and micro == self.accumulation - 1 and self.measures_grad_norm:
-                norm = grad_norm(self.engine.module, self.state)
-            mark = time.perf_counter()
-            self.engine.step()
-            times["optimizer_ms"] += self._lap(mark)
-            losses.append(loss.detach())
-        if norm is None:
-            norm = self.engine.get_global_grad_norm()
-        return torch.stack(losses).float().mean(), norm
-
-    def _lap(self, mark: float) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return (time.perf_counter() - mark) * 1e3
-
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation loss over the same eval_steps batches every time, averaged over data-parallel ranks."""
         if self._valid_batches is None:
-            self._valid_batches = list(valid_batches(self.valid_manifests, self.config.train.micro_batch_size,
+            self._valid_batches = list(valid_batches(self.run.valid_manifests, self.config.train.micro_batch_size,
                                                      self.state.dp_rank, self.state.dp, self.config.train.eval_steps))
         self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        if self.pipelined:
-            # the last stage's mean over the batches, averaged over replicas by DeepSpeed and broadcast to every
-            # stage; so that it is the mean over batches, every replica evaluates as many (the smallest share)
-            share = torch.tensor([len(self._valid_batches)], device=self.device)
-            dist.all_reduce(share, op=dist.ReduceOp.MIN, group=self.state.group("dp"))
-            count = int(share.item())
-            if count == 0:
-                raise MegamemError(f"train.eval_steps={self.config.train.eval_steps} validation batches leave some "
-                                   f"of the {self.state.dp} data-parallel replicas none. Fix: set train.eval_steps "
-                                   f"to at least {self.state.dp}")
-            batches = ((batch[:, :-1], batch[:, 1:]) for batch in self._valid_batches[:count])
-            mean = self.engine.eval_batch(batches, num_micro_batches=count)
-            total += torch.tensor([mean.item() * count, float(count)], dtype=torch.float64, device=self.device)
-        else:
-            for batch in self._valid_batches:
-                batch = batch.to(self.device)
-                total += torch.stack([self.loss_fn(self.engine(batch[:, :-1]), batch[:, 1:]).double(),
-                                      torch.ones((), dtype=torch.float64, device=self.device)])
+        total = self.engine.validation_sums(self._valid_batches)
         self.engine.train()
         dist.all_reduce(total, group=self.state.group("dp"))
         return (total[0] / total[1]).item()
 
-    def layout(self) -> dict:
-        return run_layout(self.config, self.state)
-
     def save(self, last: bool) -> None:
         """`last`: the run ends after it (its final step, or a stop), so a failed write ends the run non-zero."""
-        extra = {"loader": self.loader.state_dict(), "layout": self.layout(), "partitions": self.sharded,
-                 "model": dataclasses.asdict(self.config.model)}
+        marker = Marker(kind=SHARDED, step=self.step, position=DataPosition(**self.loader.state_dict()),
+                        model=dataclasses.asdict(self.config.model), layout=self.run.layout, files={},
+                        shards=self.run.shards)
         try:
-            path = save_checkpoint(self.engine, Path(self.config.run.dir), self.step, extra,
-                                   self.config.checkpoint.keep)
+            path = save_checkpoint(self.engine.save_files, Path(self.config.run.dir), marker, self.state.pp_rank,
+                                   self._optimizer_order, self.config.checkpoint.keep)
         except CheckpointNotSaved as err:
             if last or self.config.checkpoint.on_write_error == "stop":
                 raise
@@ -213,9 +113,9 @@ class Trainer:
     def load(self, path: Path) -> None:
         """Resume: the checkpoint's model, optimizer, RNG, step and data position."""
         marker = self._restore(path)
-        saved_dp = (marker["source"]["layout"] or {}).get("dp") if is_universal(marker) else None
-        self.step = marker["step"]
-        self.loader.load_state_dict(marker["loader"], saved_dp)
+        self.step = marker.step
+        self.loader.load_state_dict(dataclasses.asdict(marker.position),
+                                    marker.layout.dp if marker.universal else None)
         self.logger.rewind(self.step)
         if dist.get_rank() == 0:
             for moved in set_aside_newer(path):
@@ -225,18 +125,18 @@ class Trainer:
         self.last_checkpoint, self.rollbacks_to_last = path, 0
         self.logger.message(f"resumed from {path} at step {self.step}")
 
-    def _restore(self, path: Path) -> dict:
+    def _restore(self, path: Path) -> Marker:
         """Engine state (and RNG) from a checkpoint, after checking its files and model; returns its marker."""
-        marker = json.loads((path / MARKER).read_text())
+        marker = read_marker(path)
         check_files(path, marker)
         check_same_model(path, marker, dataclasses.asdict(self.config.model))
-        if not is_universal(marker):
-            load_checkpoint(self.engine, path, marker, self.layout())
-            return marker
-        rename = self.engine.module.plain_name if self.pipelined else str     # megamem reshard's: any layout
-        load_universal(self.engine, path, marker, rename, self.state.dp)
-        if not marker["optimizer"]:
-            self.logger.message(f"{path} was resharded with --weights-only: Adam's moments start from zero")
+        if marker.universal:                    # megamem reshard's: any layout
+            self.engine.load_universal(path, marker)
+            if not marker.has_optimizer:
+                self.logger.message(f"{path} was resharded with --weights-only: Adam's moments start from zero")
+        else:
+            check_same_layout(path, marker, self.run.layout)
+            self.engine.load_files(path, marker)
         return marker
 
     def _spiked(self, loss: float) -> bool:
@@ -262,8 +162,7 @@ class Trainer:
                                f"{self.last_checkpoint.name}, so its level has shifted rather than spiked (a change "
                                f"of data?). Fix: resume with a larger train.spike_rollback, or 0 to turn it off")
         self._restore(self.last_checkpoint)
-        schedule_at(self.engine.lr_scheduler, self.engine.optimizer.param_groups, self.step)
-        self.engine.global_steps = self.step
+        self.engine.set_step(self.step)
         self.rollbacks += 1
         self.rollbacks_to_last += 1
         self.logger.message(f"megamem: {where}: rolled back to {self.last_checkpoint.name}, skipping the batches "
@@ -320,27 +219,6 @@ class Trainer:
                 asked = self.stop.signal_name or "a signal to another rank"
                 self.logger.message(f"stopping at step {self.step} on request ({asked}); resume with --resume auto")
                 return
-
-
-def loss_scale(optimizer) -> float:
-    """The factor DeepSpeed's fp16 optimizers scale the loss and gradients by (its `loss_scale`, dynamic), or 1."""
-    return float(getattr(optimizer, "loss_scale", None) or 1.0)
-
-
-def run_layout(config: Config, state: ParallelState) -> dict:
-    """What a checkpoint records of the run's layout (megamem export joins its shards by it)."""
-    par, memoryformer = config.parallel, config.model.arch == "memoryformer"
-    return {"tp": state.tp, "pp": state.pp, "dp": state.dp, "zero_stage": par.zero_stage,
-            "table_sharding": par.table_sharding if memoryformer else None}
-
-
-def check_resumable(path: Path, config: Config, state: ParallelState) -> None:
-    """Refuse a checkpoint of another model, or of another layout unless megamem reshard wrote it, before the run
-    writes anything into its directory (its config.yaml stays the one that wrote the checkpoint)."""
-    marker = json.loads((path / MARKER).read_text())
-    check_same_model(path, marker, dataclasses.asdict(config.model))
-    if not is_universal(marker):
-        check_same_layout(path, marker, run_layout(config, state))
 
 
 def _memory_gb() -> float:

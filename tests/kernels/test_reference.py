@@ -1,4 +1,4 @@
-"""The reference Memory Layer against spec section 1, equation by equation."""
+"""The reference Memory Layer against docs/model.md, "The Memory Layer", equation by equation."""
 from __future__ import annotations
 
 import itertools

@@ -1,4 +1,4 @@
-"""Both blocks: shapes, parameter counts against the spec and Pythia, shared hashing."""
+"""Both blocks: shapes, parameter counts against the MF-tiny/small/base sizes and Pythia, shared hashing."""
 from __future__ import annotations
 
 import pytest
@@ -21,7 +21,7 @@ def test_table_parameters_match_the_spec(name, billions):
     config = load_config([CONFIGS / f"{name}.yaml"])
     m = config.model
     d, k = m.hidden_size, m.hidden_size // m.tau
-    per_layer = 3 * k * 2**m.tau * d + k * (2**m.tau * (m.tau + 2) * k + 2 ** (m.tau + 2) * d)   # spec section 3
+    per_layer = 3 * k * 2**m.tau * d + k * (2**m.tau * (m.tau + 2) * k + 2 ** (m.tau + 2) * d)   # Q, K, V; ML1 + ML2
     model = build_model(config, device="meta")
     assert table_params(model) == m.num_layers * per_layer
     assert round(table_params(model) / 1e9, 2) == billions

@@ -9,14 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megamem.checkpoint.read import join_tensor_parallel
 from megamem.config import load_config
 from megamem.model import build_model
 from megamem.model.init import materialize
 from megamem.parallel.mappings import TensorParallelGroup
-from megamem.parallel.marks import partitions
 from megamem.parallel.parallelize import parallelize
+from megamem.parallel.sharding import shard_records
 from megamem.parallel.state import ParallelState
-from megamem.training.checkpoint_reader import join_tensor_parallel
 from tests.parallel.tp_worker import SMALL
 from tests.paths import CONFIGS
 
@@ -26,7 +26,7 @@ def rank_state(overrides: list[str], tp: int, rank: int) -> tuple[dict, dict]:
     model = build_model(config, device="meta")
     parallelize(model, config, ParallelState(tp, 1, 1, rank, tensor_parallel=TensorParallelGroup(None, tp, rank)))
     materialize(model, "cpu", config.run.seed)
-    return model.state_dict(), partitions(model)
+    return model.state_dict(), shard_records(model)
 
 
 @pytest.mark.parametrize("overrides", [

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megamem.checkpoint.read import join_tensor_parallel
 from megamem.config import load_config
 from megamem.kernels import get_kernel
 from megamem.model import build_model, lm_loss
@@ -30,10 +31,9 @@ from megamem.model.init import materialize
 from megamem.model.memory_layer import MemoryLayer
 from megamem.parallel import mappings, memoryformer_tp, traffic
 from megamem.parallel.hashed_exchange import gather_hashed, route_hashed
-from megamem.parallel.marks import partitions, shard_parameter
 from megamem.parallel.parallelize import parallelize
+from megamem.parallel.sharding import shard_parameter, shard_records
 from megamem.parallel.state import ParallelState
-from megamem.training.checkpoint_reader import join_tensor_parallel
 from tests.paths import CONFIGS
 
 SMALL = ["model.hidden_size=64", "model.num_heads=4", "model.num_layers=2", "model.seq_len=32", "model.vocab_size=97",
@@ -171,7 +171,7 @@ def model(state: ParallelState, args) -> dict:
     codes_equal = len(exchanged) == len(expected) and all(
         torch.equal(got.long(), want.long()) for (got, _), want in zip(exchanged, expected, strict=True))
 
-    parts = partitions(sharded)
+    parts = shard_records(sharded)
     every = [None] * state.tp
     mine = {name: (param.detach(), param.grad) for name, param in sharded.named_parameters()}
     dist.all_gather_object(every, mine, group=state.group("tp"))
@@ -246,7 +246,7 @@ def pipeline_allocation(world: ParallelState, args) -> list[dict]:
     import deepspeed
 
     from megamem.parallel.pipeline import pipeline_module
-    from megamem.training.entry import unlink_shared_memory_buffers
+    from megamem.training.run import unlink_shared_memory_buffers
 
     deepspeed.init_distributed(dist_backend="gloo")
     unlink_shared_memory_buffers(world.rank)

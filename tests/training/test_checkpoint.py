@@ -1,14 +1,16 @@
 """Crash-safe checkpoints: a kill -9 anywhere in a save, a full disk, a flipped byte, another model's checkpoint."""
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 
+from megamem.checkpoint.catalog import complete_checkpoints
 from megamem.cli.main import main
-from megamem.training.checkpoint import complete_checkpoints
 from tests.paths import CONFIGS, REPO
 from tests.training.runs import losses, records, train
 
@@ -95,6 +97,16 @@ def test_damaged_or_foreign_checkpoints_are_refused_by_name(shards, tmp_path, ca
                            capture_output=True, text=True)
     assert other.returncode == 2 and "holds another model: model.hidden_size=128 there, 64 here, " \
                                      "model.num_heads=4 there, 2 here" in other.stderr, other.stderr[-2000:]
+
+    # a checkpoint of another format version: refused in one line naming it (a copy of the run, in this process)
+    foreign = tmp_path / "foreign"
+    shutil.copytree(run, foreign)
+    marker = foreign / "checkpoints" / newest.name / "megamem.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "version": 0}))
+    assert main(["export", str(foreign), "--output", str(tmp_path / "foreign.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert f"{marker} is checkpoint format version 0; this megamem reads version 1 only" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
     model_file = newest / "mp_rank_00_model_states.pt"
     data = bytearray(model_file.read_bytes())

@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from megamem.checkpoint.read import load_deepspeed_file
 from megamem.cli.main import main
 from megamem.config import load_config
 from megamem.model import build_model
-from megamem.training.checkpoint_reader import _load
 from megamem.training.optimizer import parameter_group_names
 from tests.training.runs import PRECISION_STEPS, PRECISIONS, losses, records
 
@@ -67,7 +67,7 @@ def _flat_groups(checkpoint, config) -> tuple[list[list[str]], dict]:
     """A bf16 ZeRO 1 rank's fp32 partitions as DeepSpeed wrote them, read without megamem's reader: one flat tensor
     per parameter group (one rank: the whole group), the parameters in the group's order."""
     [optimizer_file] = checkpoint.glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    state = _load(optimizer_file)["optimizer_state_dict"]
+    state = load_deepspeed_file(optimizer_file)["optimizer_state_dict"]
     names = parameter_group_names(build_model(config, device="meta"), config.optimizer)
     return names, state
 
@@ -111,7 +111,7 @@ def test_export_of_bf16_takes_the_fp32_master_weights(precision_runs, tmp_path, 
     assert main(["export", str(source.dir), "--output", str(tmp_path / "model.safetensors")]) == 0
     exported = load_file(str(tmp_path / "model.safetensors"))
     config = load_config([source.dir / "config.yaml"])
-    model_states = _load(checkpoint / "mp_rank_00_model_states.pt")
+    model_states = load_deepspeed_file(checkpoint / "mp_rank_00_model_states.pt")
     shapes = {name: tuple(p.shape) for name, p in build_model(config, device="meta").named_parameters()}
     if zero == 1:
         names, state = _flat_groups(checkpoint, config)

@@ -1,4 +1,4 @@
-"""Tensor-parallel parameters: cutting one out of the whole, and what it says about itself.
+"""Tensor-parallel shards: cutting one out of the whole parameter, and the record checkpoints keep of it.
 
 A shard carries `tensor_model_parallel = True` (DeepSpeed counts it on every rank
 in the gradient norm; unmarked parameters on tensor-parallel rank 0 only),
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megamem.checkpoint.format import ShardRecord
 from megamem.model.init import Shard
 
 
@@ -42,8 +43,8 @@ def shard_parameter(module: nn.Module, name: str, dim: int, tp, stride: int = 1)
     return shard_param
 
 
-def partitions(module: nn.Module) -> dict[str, list[int]]:
-    """{name: [dim, stride]} of every shard: what megamem export needs to join a checkpoint's ranks."""
-    return {name: [param.partition_dim, param.partition_stride]
+def shard_records(module: nn.Module) -> dict[str, ShardRecord]:
+    """How every shard of `module` was cut, by parameter name: what a checkpoint records to join its ranks."""
+    return {name: ShardRecord(param.partition_dim, param.partition_stride)
             for name, param in module.named_parameters(remove_duplicate=False)      # a tied head under both names
             if getattr(param, "tensor_model_parallel", False)}

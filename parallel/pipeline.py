@@ -17,8 +17,8 @@ tensor-parallel rank sends its own positions to the same rank of the next stage
 
 DeepSpeed builds its own grid (pipe, data, model; model fastest): the same
 membership as ParallelState's tp, dp and pp groups, which megamem.training.engine
-asserts with assert_grid_matches, so the layers' tensor-parallel group is the
-grid's slice group. Layer-numbered names map to plain ones by
+asserts (with the split DeepSpeed made), so the layers' tensor-parallel group is
+the grid's slice group. Layer-numbered names map to plain ones by
 megamem.parallel.pipeline_layout.plain_names.
 """
 from __future__ import annotations
@@ -56,17 +56,5 @@ def pipeline_module(model: LanguageModel, config: Config, state: ParallelState, 
                            f"blocks (a divisor of model.num_layers always does)")
     materialize(model, device, config.run.seed, parts=layers[bounds[state.pp_rank]:bounds[state.pp_rank + 1]])
     topology = PipeModelDataParallelTopology(num_pp=state.pp, num_mp=state.tp, num_dp=state.dp)
-    pipe = PipelineModule(layers, topology=topology, loss_fn=loss_fn,
+    return PipelineModule(layers, topology=topology, loss_fn=loss_fn,
                           partition_method=f"type:{BLOCK_TYPE[config.model.arch]}")
-    if [int(b) for b in pipe.parts] != bounds:
-        raise RuntimeError(f"DeepSpeed split the pipeline at {list(pipe.parts)}, not at {bounds}")
-    return pipe
-
-
-def assert_grid_matches(grid, state: ParallelState) -> None:
-    """DeepSpeed's groups (slice = tensor parallel, data, pipe) hold the ranks of megamem's tp, dp and pp groups."""
-    theirs = {"tp": list(grid.slice_group), "dp": list(grid.dp_group), "pp": list(grid.pp_group)}
-    ours = {kind: state.ranks_of(kind) for kind in theirs}
-    if theirs != ours:
-        raise RuntimeError(f"DeepSpeed's pipeline grid {theirs} and megamem's groups {ours} disagree on rank "
-                           f"{state.rank}; both must lay ranks out tensor-parallel fastest, then data, then pipe")

@@ -18,7 +18,7 @@ SHIPPED = [REPO / name for name in ("megamem", "kernels", "parallel", "data_tool
 # attributes of DeepSpeed's live engine, optimizer and parameters that it does not document as its interface
 DEEPSPEED_RUNTIME = {"checkpoint_engine", "_lazy_init_hp_params_optimizer_state", "fp32_partitioned_groups_flat",
                      "global_steps", "global_samples", "clip_fp32_gradients", "_global_grad_norm", "_grid",
-                     "ds_shape", "ds_numel", "ds_id"}
+                     "ds_shape", "ds_numel", "ds_id", "slice_group", "dp_group", "pp_group"}
 # keys of DeepSpeed's checkpoint files
 DEEPSPEED_FILES = {"param_slice_mappings", "single_partition_of_fp32_groups", "base_optimizer_state", "fp32_groups",
                    "param_shapes", "optimizer_state_dict"}

@@ -1,1 +1,1 @@
-"""Training: DeepSpeed engine, trainer loop, monitoring, checkpoints, export."""
+"""Training: the run builder, DeepSpeed's engine, the trainer loop, monitoring, the rank supervisor."""

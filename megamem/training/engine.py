@@ -7,7 +7,7 @@ optimizer state, the pipeline's grid, a ZeRO-3 parameter's whole shape), the
 one method it replaces (the pipeline's fp32 clipping), and the file writer it
 swaps during a save. A DeepSpeed upgrade is checked here and in
 megamem.checkpoint.read, which knows DeepSpeed's file layout, and nowhere else
-(tests/test_import_graph.py holds every other module to that).
+(tests/test_architecture.py holds every other module to that).
 
 The two ways a step runs are two classes behind one interface: PlainEngine
 calls forward, backward and step per micro-batch; PipelineEngine hands the whole
@@ -36,8 +36,8 @@ from megamem.errors import MegamemError
 from megamem.model.init import materialize
 from megamem.parallel.deepspeed_mpu import DeepSpeedMPU
 from megamem.parallel.grad_norm import grad_norm
-from megamem.parallel.pipeline import assert_grid_matches, pipeline_module
-from megamem.parallel.pipeline_layout import plain_names
+from megamem.parallel.pipeline import pipeline_module
+from megamem.parallel.pipeline_layout import plain_names, stage_bounds
 from megamem.parallel.state import ParallelState
 from megamem.training.deepspeed_config import deepspeed_config
 from megamem.training.optimizer import build_optimizer, build_scheduler, parameter_group_names, schedule_at
@@ -58,25 +58,44 @@ def build_engine(model: nn.Module, config: Config, state: ParallelState, loss_fn
     deepspeed = import_deepspeed()
     if state.pp > 1:
         model = pipeline_module(model, config, state, loss_fn, device)
-        assert_grid_matches(model._grid, state)
+        _check_pipeline(model, config, state)
         mpu = None                                  # the pipeline engine uses the module's grid
     else:
         materialize(model, device, config.run.seed)
         mpu = DeepSpeedMPU(state)
     steps_itself = config.parallel.zero_stage == 0 and config.train.precision == "fp32"
+    plain = plain_names(config.model.num_layers, state.pp)
+    # named before DeepSpeed takes the parameters over (ZeRO 3 empties them, and the groups go by their shapes)
+    order = [[plain(name) for name in group] for group in parameter_group_names(model, config.optimizer)]
     optimizer = build_optimizer(model, config.optimizer, steps_itself)
     scheduler = build_scheduler(optimizer, config.train.steps, config.schedule, config.optimizer.lr)
     ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                        config=deepspeed_config(config, state.dp), mpu=mpu)
     kind = PipelineEngine if state.pp > 1 else PlainEngine
-    return kind(ds, config, state, loss_fn, device)
+    return kind(ds, config, state, loss_fn, device, order)
+
+
+def _check_pipeline(pipe, config: Config, state: ParallelState) -> None:
+    """DeepSpeed cut the layers where megamem plan does, and its grid's groups (slice = tensor parallel, data,
+    pipe) hold the ranks of megamem's tp, dp and pp groups."""
+    bounds = stage_bounds(config.model.num_layers, state.pp)
+    if [int(b) for b in pipe.parts] != bounds:
+        raise RuntimeError(f"DeepSpeed split the pipeline at {list(pipe.parts)}, not at {bounds}")
+    grid = pipe._grid
+    theirs = {"tp": list(grid.slice_group), "dp": list(grid.dp_group), "pp": list(grid.pp_group)}
+    ours = {kind: state.ranks_of(kind) for kind in theirs}
+    if theirs != ours:
+        raise RuntimeError(f"DeepSpeed's pipeline grid {theirs} and megamem's groups {ours} disagree on rank "
+                           f"{state.rank}; both must lay ranks out tensor-parallel fastest, then data, then pipe")
 
 
 class Engine:
     """A DeepSpeed engine as the trainer, checkpoints and statistics use it."""
 
-    def __init__(self, ds, config: Config, state: ParallelState, loss_fn, device: torch.device):
+    def __init__(self, ds, config: Config, state: ParallelState, loss_fn, device: torch.device,
+                 order: list[list[str]]):
         self.ds, self.config, self.state, self.loss_fn, self.device = ds, config, state, loss_fn, device
+        self.optimizer_order = order       # the optimizer's parameters by plain name, group by group, as keyed
         self.plain_name: Callable[[str], str] = plain_names(config.model.num_layers, state.pp)
         self.accumulation = ds.gradient_accumulation_steps()
         # DeepSpeed reports the norm it clipped by except where it steps torch's optimizer itself (fp32 without
@@ -121,11 +140,6 @@ class Engine:
         schedule_at(self.ds.lr_scheduler, self.ds.optimizer.param_groups, step)
         self.ds.global_steps = step
         self.ds.global_samples = step * self.ds.train_batch_size()
-
-    def optimizer_order(self) -> list[list[str]]:
-        """The plain names of the optimizer's parameters, group by group, in the order its saved state is keyed."""
-        return [[self.plain_name(name) for name in group]
-                for group in parameter_group_names(self.module, self.config.optimizer)]
 
     def save_files(self, root: Path, tag: str, writer: CheckpointWriter) -> None:
         """DeepSpeed's files of a checkpoint, each written through `writer` (collective)."""
@@ -191,11 +205,12 @@ class Engine:
 class PlainEngine(Engine):
     """Forward, backward and step per micro-batch: every layout without a pipeline."""
 
-    def __init__(self, ds, config: Config, state: ParallelState, loss_fn, device: torch.device):
-        super().__init__(ds, config, state, loss_fn, device)
+    def __init__(self, *args):
+        super().__init__(*args)
         # with one replica at fp32 ZeRO 0, DeepSpeed's gradient all-reduce averages over a group of one, after
         # copying every gradient into flat buffers and back (a tenth of a CPU step): no_sync leaves them in place
-        self._reduction = ds.no_sync if self.measures_grad_norm and state.dp == 1 else contextlib.nullcontext
+        self._reduction = self.ds.no_sync if self.measures_grad_norm and self.state.dp == 1 \
+            else contextlib.nullcontext
 
     def train_step(self, next_batch, measure_grad_norm: bool):
         times = dict.fromkeys(PHASES, 0.0)
@@ -241,8 +256,8 @@ class PipelineEngine(Engine):
     forwards and backwards across stages, so only the whole step is timed, and its loss is the last stage's,
     averaged over the micro-batches and data-parallel replicas and broadcast to every stage."""
 
-    def __init__(self, ds, config: Config, state: ParallelState, loss_fn, device: torch.device):
-        super().__init__(ds, config, state, loss_fn, device)
+    def __init__(self, *args):
+        super().__init__(*args)
         self._inputs: Iterator | None = None
         self._clip_across_stages()
 

@@ -14,9 +14,9 @@ def check_layout(config, world_size: int) -> int:
     from megamem.config import validate_world
 
     if config.train.precision == "fp16":         # DeepSpeed's accelerator (GPU, or CPU without fp16) decides
-        from deepspeed.accelerator import get_accelerator
+        from megamem.deepspeed_import import import_deepspeed
 
-        if not get_accelerator().is_fp16_supported():
+        if not import_deepspeed().accelerator.get_accelerator().is_fp16_supported():
             raise MegamemError("train.precision=fp16: DeepSpeed has no fp16 on this CPU. Fix: use train.precision=bf16 "
                                "or fp32 on CPU (fp16 with dynamic loss scaling runs on GPUs)")
     return validate_world(config, world_size)

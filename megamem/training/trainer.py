@@ -47,7 +47,6 @@ class Trainer:
         self.rollbacks_to_last = 0
         self._valid_batches: list[torch.Tensor] | None = None     # the same every evaluation: read once
         self._batch_checked = False                 # tensor-parallel ranks hold the same batch: checked once
-        self._optimizer_order = self.engine.optimizer_order()
 
     def train_step(self, measure_grad_norm: bool) -> dict[str, float]:
         """One optimizer step over the engine's accumulation of micro-batches; returns its scalars."""
@@ -100,7 +99,7 @@ class Trainer:
                         shards=self.run.shards)
         try:
             path = save_checkpoint(self.engine.save_files, Path(self.config.run.dir), marker, self.state.pp_rank,
-                                   self._optimizer_order, self.config.checkpoint.keep)
+                                   self.engine.optimizer_order, self.config.checkpoint.keep)
         except CheckpointNotSaved as err:
             if last or self.config.checkpoint.on_write_error == "stop":
                 raise

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed import distributed_c10d
 
 from megamem.checkpoint.catalog import find_resume
@@ -54,6 +55,16 @@ class Run:
     device: torch.device
     stop: StopRequest
     resume_from: Path | None
+
+    @property
+    def model(self) -> nn.Module:
+        """This rank's part of the model, as DeepSpeed holds it (a pipeline stage's layers under pp > 1)."""
+        return self.engine.module
+
+    @property
+    def loss_fn(self):
+        """lm_loss for a whole head, the vocabulary-parallel cross-entropy for a split one."""
+        return self.engine.loss_fn
 
 
 def build_run(config: Config, resume: str, stop: StopRequest) -> Run:

@@ -175,13 +175,13 @@ def _ordered_map(batches: Iterator[list[Piece]], spec: str,
             yield done, result.get()
 
 
-def _in_valid_split(document: int, fraction: float) -> bool:
+def in_valid_split(document: int, fraction: float) -> bool:
     """A fixed pseudo-random choice per document number: the same whatever the worker count."""
     digest = hashlib.blake2b(document.to_bytes(8, "little"), digest_size=8).digest()
     return int.from_bytes(digest, "little") < fraction * 2**64
 
 
-def _fingerprint(args: PreprocessArgs, files: list[Path], tokenizer_hash: str) -> str:
+def fingerprint_of(args: PreprocessArgs, files: list[Path], tokenizer_hash: str) -> str:
     """What determines the output bytes (the worker count does not); an input changed since an interrupted run
     changes it, so that run is not resumed over different data."""
     content = {"files": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files], "seq_len": args.seq_len,
@@ -193,20 +193,18 @@ def _fingerprint(args: PreprocessArgs, files: list[Path], tokenizer_hash: str) -
 
 def preprocess(args: PreprocessArgs, progress: Progress | None = None) -> Summary:
     started = time.monotonic()
-    _check_args(args)
+    check_args(args)
     files = expand_inputs(args.inputs, args.exclude)
     tokenizer = load_tokenizer(args.tokenizer)
     dtype = token_dtype(tokenizer.vocab_size)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(args, files, tokenizer.hash)
+    fingerprint = fingerprint_of(args, files, tokenizer.hash)
     state = _previous_state(out, fingerprint)
     for leftover in out.glob("*.tmp"):
         leftover.unlink()
 
-    sample_len = args.seq_len + 1
-    per_shard = max(1, int(args.shard_size_mb * 2**20) // (sample_len * dtype.itemsize))
-    train, valid = (Packer(split, out, sample_len, per_shard, dtype) for split in ("train", "valid"))
+    train, valid = packers(out, args, dtype)
     summary = Summary()
     skip = 0
     if state:
@@ -218,7 +216,34 @@ def preprocess(args: PreprocessArgs, progress: Progress | None = None) -> Summar
     counts = summary.counts
     progress = progress or Progress(total_bytes=sum(f.stat().st_size for f in files))
     invalid_utf8_files: list[Path] = []
+    document = skip - 1
+    wrote = False
+    for piece, tokens in tokenized(files, args, tokenizer.eod_id, skip, counts, invalid_utf8_files, progress,
+                                   lambda: summary.tokens):
+        if piece.first:
+            document += 1
+            to_valid = in_valid_split(document, args.valid_fraction)
+            summary.valid_documents += to_valid
+        summary.tokens += len(tokens)
+        wrote |= (valid if to_valid else train).feed(tokens)
+        if piece.last and wrote:
+            _save_state(out, fingerprint, document + 1, summary, train, valid)
+            wrote = False
 
+    progress.close(counts.bytes_read, counts.documents, summary.tokens)
+    finish_dataset(out, args, files, tokenizer, train, valid, summary, fingerprint, invalid_utf8_files)
+    (out / STATE).unlink(missing_ok=True)
+    _remove_pending(out, keep=set())
+    summary.seconds = time.monotonic() - started
+    summary.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    summary.workers_peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return summary
+
+
+def tokenized(files: list[Path], args: PreprocessArgs, eod_id: int, skip: int, counts: Counts,
+              invalid_utf8_files: list[Path], progress: Progress, tokens_so_far) -> Iterator[tuple[Piece, np.ndarray]]:
+    """Every piece of the documents of `files` after the first `skip`, in order, with its tokens (end-of-document
+    after a document's last piece); `counts` and `invalid_utf8_files` count all of them, the skipped included."""
     def pieces() -> Iterator[Piece]:
         document = -1
         for path in files:
@@ -230,50 +255,36 @@ def preprocess(args: PreprocessArgs, progress: Progress | None = None) -> Summar
             if counts.invalid_utf8_documents > invalid_before:
                 invalid_utf8_files.append(path)
 
-    document = skip - 1
-    wrote = False
-    eod = np.array([tokenizer.eod_id], dtype=np.int64)
+    eod = np.array([eod_id], dtype=np.int64)
     for batch, token_lists in _ordered_map(_batches(pieces()), args.tokenizer, args.workers):
         for piece, tokens in zip(batch, token_lists, strict=True):
-            if piece.first:
-                document += 1
-                to_valid = _in_valid_split(document, args.valid_fraction)
-                summary.valid_documents += to_valid
-            if piece.last:
-                tokens = np.concatenate([tokens, eod])
-            summary.tokens += len(tokens)
-            wrote |= (valid if to_valid else train).feed(tokens)
-            if piece.last and wrote:
-                _save_state(out, fingerprint, document + 1, summary, train, valid)
-                wrote = False
-        progress.update(counts.bytes_read, counts.documents, summary.tokens)
-
-    _finish_splits(summary, train, valid)
-    progress.close(counts.bytes_read, counts.documents, summary.tokens)
-    _check_not_empty(summary, args)
-    if invalid_utf8_files:
-        print(f"warning: {counts.invalid_utf8_documents} documents are not valid UTF-8 (files: "
-              f"{len(invalid_utf8_files)}, the first: {invalid_utf8_files[0]}); their bad bytes became U+FFFD. "
-              "Re-encode those files as UTF-8 if that loses text", file=sys.stderr)
-    write_manifest(out, _manifest(args, files, tokenizer, dtype, train, valid, summary, fingerprint))
-    (out / STATE).unlink(missing_ok=True)
-    _remove_pending(out, keep=set())
-    summary.seconds = time.monotonic() - started
-    summary.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    summary.workers_peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return summary
+            yield piece, np.concatenate([tokens, eod]) if piece.last else tokens
+        progress.update(counts.bytes_read, counts.documents, tokens_so_far())
 
 
-def _finish_splits(summary: Summary, train: Packer, valid: Packer) -> None:
-    """Write both splits' last shards and count what the splits hold."""
+def packers(out: Path, args: PreprocessArgs, dtype: np.dtype) -> tuple[Packer, Packer]:
+    sample_len = args.seq_len + 1
+    per_shard = max(1, int(args.shard_size_mb * 2**20) // (sample_len * dtype.itemsize))
+    return Packer("train", out, sample_len, per_shard, dtype), Packer("valid", out, sample_len, per_shard, dtype)
+
+
+def finish_dataset(out: Path, args: PreprocessArgs, files: list[Path], tokenizer, train: Packer, valid: Packer,
+                   summary: Summary, fingerprint: str, invalid_utf8_files: list[str | Path]) -> None:
+    """Both splits' last shards, the checks and warnings on what was read, and the manifest, written last."""
     train.finish()
     valid.finish()
     summary.train_samples, summary.valid_samples = train.samples_written, valid.samples_written
     summary.train_shards, summary.valid_shards = len(train.shards), len(valid.shards)
     summary.dropped_tokens = train.dropped_tokens + valid.dropped_tokens
+    _check_not_empty(summary, args)
+    if invalid_utf8_files:
+        print(f"warning: {summary.counts.invalid_utf8_documents} documents are not valid UTF-8 (files: "
+              f"{len(invalid_utf8_files)}, the first: {invalid_utf8_files[0]}); their bad bytes became U+FFFD. "
+              "Re-encode those files as UTF-8 if that loses text", file=sys.stderr)
+    write_manifest(out, _manifest(args, files, tokenizer, train.dtype, train, valid, summary, fingerprint))
 
 
-def _check_args(args: PreprocessArgs) -> None:
+def check_args(args: PreprocessArgs) -> None:
     if args.seq_len <= 0:
         raise DataError(f"--seq-len must be positive, got {args.seq_len}")
     if args.workers < 1:
@@ -347,5 +358,10 @@ def _manifest(args, files, tokenizer, dtype, train: Packer, valid: Packer, summa
         "sources": [{"path": str(f), "bytes": f.stat().st_size} for f in files],
         "counts": counts,
         "fingerprint": fingerprint,
-        "arguments": asdict(args),
+        "arguments": recorded_arguments(args),
     }
+
+
+def recorded_arguments(args: PreprocessArgs) -> dict:
+    """The arguments that decide the output's bytes: not where it goes, nor how many workers made it."""
+    return {key: value for key, value in asdict(args).items() if key not in ("output", "workers")}

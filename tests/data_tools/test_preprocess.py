@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from megamem.cli.main import main
-from megamem.data_tools.preprocess import PreprocessArgs, _in_valid_split, preprocess
+from megamem.data_tools.preprocess import PreprocessArgs, in_valid_split, preprocess
 from megamem.data_tools.shards import load_manifest, read_shard
 from megamem.data_tools.tokenizer import ByteTokenizer
 from megamem.errors import DataError
@@ -36,7 +36,7 @@ def test_round_trip_tokens_equal_the_tokenized_documents_in_order(corpus, tmp_pa
     tok = ByteTokenizer()
     streams = {"train": [], "valid": []}
     for i, doc in enumerate(docs):
-        streams["valid" if _in_valid_split(i, 0.1) else "train"].append(np.append(tok.encode(doc), tok.eod_id))
+        streams["valid" if in_valid_split(i, 0.1) else "train"].append(np.append(tok.encode(doc), tok.eod_id))
     for split, pieces in streams.items():
         expected = np.concatenate(pieces)
         got = shard_tokens(tmp_path / "out", split)

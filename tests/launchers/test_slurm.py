@@ -179,3 +179,37 @@ def release_when_pending(job: str, env: dict, timeout: float = 120) -> None:
             return
         time.sleep(0.5)
     pytest.fail(f"job {job} did not return to the queue within {timeout} s")
+
+
+def test_preprocess_array_and_merge_equal_one_task(cluster, tmp_path):
+    """`sbatch --array=0-2 launchers/slurm/preprocess.sbatch`, then the merge job after it (afterok), write the
+    dataset `megamem preprocess` writes in one task, byte for byte."""
+    from tests.data_tools.conftest import documents
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(5):
+        (corpus / f"{i}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents(150, seed=i)))
+    options = ["--seq-len", "63", "--shard-size-mb", "0.01", "--valid-fraction", "0.05"]
+    one = subprocess.run([sys.executable, "-m", "megamem.cli.main", "preprocess", "--input", f"{corpus}/*.jsonl",
+                          "--output", str(tmp_path / "one"), *options], capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    out = tmp_path / "tasks"
+    env = dict(cluster, MEGAMEM_INPUT=f"{corpus}/*.jsonl", MEGAMEM_OUTPUT=str(out), MEGAMEM_ARGS=" ".join(options),
+               MEGAMEM_VENV=str(Path(sys.executable).parents[1]), OMP_NUM_THREADS="1")
+    script = str(REPO / "launchers/slurm/preprocess.sbatch")
+    submit = ["sbatch", "--parsable", f"--chdir={REPO}"]
+    tasks = subprocess.run([*submit, "--array=0-2", f"--output={tmp_path}/task-%a.out", script], env=env,
+                           capture_output=True, text=True)
+    assert tasks.returncode == 0, tasks.stderr
+    array = tasks.stdout.strip().split(";")[0]
+    merged = subprocess.run([*submit, f"--dependency=afterok:{array}", "--kill-on-invalid-dep=yes",
+                             f"--output={tmp_path}/merge.out", script], env=env, capture_output=True, text=True)
+    assert merged.returncode == 0, merged.stderr
+    fields = wait_for(merged.stdout.strip().split(";")[0], cluster, timeout=300)
+    logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("*.out")))
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", logs[-4000:]
+    assert all(f"runs task {i} of 3" in logs for i in range(3)) and "merges the tasks" in logs, logs[-4000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "one").iterdir()) and "manifest.json" in files
+    assert all((out / name).read_bytes() == (tmp_path / "one" / name).read_bytes() for name in files)

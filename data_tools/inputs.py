@@ -50,11 +50,13 @@ class Counts:
 
 @dataclass
 class Piece:
-    """Part of a document, in order. `first` starts a document; `last` is where end-of-document goes."""
+    """Part of a document, in order. `first` starts a document; `last` is where end-of-document goes; `digest`, on
+    a last piece when deduplicating, the document's key (megamem.data_tools.dedup)."""
 
     text: str
     first: bool
     last: bool
+    digest: bytes | None = None
 
 
 def _kind(path: Path) -> str | None:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megamem.data_tools.dedup import MODES as DEDUP_MODES
+from megamem.data_tools.dedup import DocumentDigest
 from megamem.data_tools.inputs import Counts, Piece, expand_inputs, read_pieces
 from megamem.data_tools.progress import Progress
 from megamem.data_tools.shards import MANIFEST, ShardInfo, shard_name, write_manifest, write_shard
@@ -50,6 +52,7 @@ class PreprocessArgs:
     shard_size_mb: float = 64.0
     on_error: str = "skip"
     exclude: list[str] = field(default_factory=list)
+    dedup: str = "none"             # or "exact": megamem.data_tools.dedup
 
 
 class Packer:
@@ -124,6 +127,7 @@ class Summary:
     train_shards: int = 0
     valid_shards: int = 0
     valid_documents: int = 0
+    duplicate_documents: int = 0
     dropped_tokens: int = 0
     resumed_after_documents: int = 0
     seconds: float = 0.0
@@ -218,12 +222,25 @@ def preprocess(args: PreprocessArgs, progress: Progress | None = None) -> Summar
     invalid_utf8_files: list[Path] = []
     document = skip - 1
     wrote = False
+    seen: set[bytes] = set()            # --dedup exact: every document's digest (a resumed run reads them again)
+    held: list[np.ndarray] = []         # a document's tokens until its digest is known
     for piece, tokens in tokenized(files, args, tokenizer.eod_id, skip, counts, invalid_utf8_files, progress,
-                                   lambda: summary.tokens):
+                                   lambda: summary.tokens, seen.add):
         if piece.first:
             document += 1
-            to_valid = in_valid_split(document, args.valid_fraction)
+            to_valid, counted = in_valid_split(document, args.valid_fraction), False
+        if args.dedup == "exact":
+            held.append(tokens)
+            if not piece.last:
+                continue
+            tokens, held = np.concatenate(held), []
+            if piece.digest in seen:
+                summary.duplicate_documents += 1
+                continue
+            seen.add(piece.digest)
+        if not counted:
             summary.valid_documents += to_valid
+            counted = True
         summary.tokens += len(tokens)
         wrote |= (valid if to_valid else train).feed(tokens)
         if piece.last and wrote:
@@ -241,15 +258,25 @@ def preprocess(args: PreprocessArgs, progress: Progress | None = None) -> Summar
 
 
 def tokenized(files: list[Path], args: PreprocessArgs, eod_id: int, skip: int, counts: Counts,
-              invalid_utf8_files: list[Path], progress: Progress, tokens_so_far) -> Iterator[tuple[Piece, np.ndarray]]:
+              invalid_utf8_files: list[Path], progress: Progress, tokens_so_far,
+              skipped_digest=None) -> Iterator[tuple[Piece, np.ndarray]]:
     """Every piece of the documents of `files` after the first `skip`, in order, with its tokens (end-of-document
-    after a document's last piece); `counts` and `invalid_utf8_files` count all of them, the skipped included."""
+    after a document's last piece); `counts` and `invalid_utf8_files` count all of them, the skipped included.
+    With --dedup exact a last piece carries its document's digest, and a skipped document's goes to
+    `skipped_digest`."""
     def pieces() -> Iterator[Piece]:
-        document = -1
+        document, digest = -1, None
         for path in files:
             invalid_before = counts.invalid_utf8_documents
             for piece in read_pieces(path, args.json_key, args.on_error, counts):
                 document += piece.first
+                if args.dedup == "exact":
+                    digest = DocumentDigest() if piece.first else digest
+                    digest.update(piece.text)
+                    if piece.last:
+                        piece.digest = digest.digest()
+                        if document < skip and skipped_digest is not None:
+                            skipped_digest(piece.digest)
                 if document >= skip:
                     yield piece
             if counts.invalid_utf8_documents > invalid_before:
@@ -293,6 +320,8 @@ def check_args(args: PreprocessArgs) -> None:
         raise DataError(f"--valid-fraction must lie in [0, 1), got {args.valid_fraction}")
     if args.shard_size_mb <= 0:
         raise DataError(f"--shard-size-mb must be positive, got {args.shard_size_mb}")
+    if args.dedup not in DEDUP_MODES:
+        raise DataError(f"--dedup must be one of {', '.join(DEDUP_MODES)}, got {args.dedup}")
     if args.on_error not in ("skip", "fail"):
         raise DataError(f"--on-error must be skip or fail, got {args.on_error}")
 
@@ -346,7 +375,8 @@ def _remove_pending(out: Path, keep: set[str]) -> None:
 def _manifest(args, files, tokenizer, dtype, train: Packer, valid: Packer, summary: Summary, fingerprint: str) -> dict:
     counts = asdict(summary.counts)
     counts.update(tokens=summary.tokens, train_samples=summary.train_samples, valid_samples=summary.valid_samples,
-                  valid_documents=summary.valid_documents, dropped_tokens=summary.dropped_tokens)
+                  valid_documents=summary.valid_documents, duplicate_documents=summary.duplicate_documents,
+                  dropped_tokens=summary.dropped_tokens)
     return {
         "format": "megamem-shards-v1",
         "seq_len": args.seq_len,

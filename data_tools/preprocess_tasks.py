@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megamem.data_tools.dedup import DIGEST_BYTES, first_occurrences
 from megamem.data_tools.inputs import Counts, expand_inputs
 from megamem.data_tools.preprocess import (
     PreprocessArgs,
@@ -50,7 +51,7 @@ from megamem.errors import DataError
 
 TASKS = ".tasks"
 RECORD, STATE, DONE = "task.json", "state.json", "done.json"
-TOKENS, LENGTHS = "tokens.bin", "lengths.bin"
+TOKENS, LENGTHS, DIGESTS = "tokens.bin", "lengths.bin", "digests.bin"
 FEED_TOKENS = 1 << 24
 
 
@@ -91,7 +92,7 @@ def task_command(arguments: dict, task: int, num_tasks: int) -> str:
     defaults = PreprocessArgs([], "", 0)
     words = ["megamem", "preprocess", "--input", *arguments["inputs"], "--output", arguments["output"],
              "--seq-len", str(arguments["seq_len"])]
-    for key in ("tokenizer", "json_key", "valid_fraction", "shard_size_mb", "on_error"):
+    for key in ("tokenizer", "json_key", "valid_fraction", "shard_size_mb", "on_error", "dedup"):
         if arguments[key] != getattr(defaults, key):
             words += [f"--{key.replace('_', '-')}", str(arguments[key])]
     if arguments["exclude"]:
@@ -122,7 +123,8 @@ def run_task(args: PreprocessArgs, task: int, num_tasks: int, progress: Progress
     invalid_utf8_files: list[Path] = []
     threshold = max(1, int(args.shard_size_mb * 2**20) // dtype.itemsize)
     with _truncated(directory / TOKENS, tokens * dtype.itemsize) as token_file, \
-            _truncated(directory / LENGTHS, documents * 8) as length_file:
+            _truncated(directory / LENGTHS, documents * 8) as length_file, \
+            _truncated(directory / DIGESTS, documents * DIGEST_BYTES * (args.dedup == "exact")) as digest_file:
         length, unsaved = 0, 0
         summary.tokens = tokens
         for piece, piece_tokens in tokenized(mine, args, tokenizer.eod_id, documents, summary.counts,
@@ -133,11 +135,13 @@ def run_task(args: PreprocessArgs, task: int, num_tasks: int, progress: Progress
             unsaved += len(piece_tokens)
             if piece.last:
                 length_file.write(np.int64(length).tobytes())
+                if piece.digest is not None:
+                    digest_file.write(piece.digest)
                 documents, length = documents + 1, 0
                 if unsaved >= threshold:
-                    _save(directory, token_file, length_file, documents, summary.tokens)
+                    _save(directory, (token_file, length_file, digest_file), documents, summary.tokens)
                     unsaved = 0
-        _save(directory, token_file, length_file, documents, summary.tokens)
+        _save(directory, (token_file, length_file, digest_file), documents, summary.tokens)
     progress.close(summary.counts.bytes_read, summary.counts.documents, summary.tokens)
     done = {"counts": asdict(summary.counts), "documents": documents, "tokens": summary.tokens,
             "invalid_utf8_files": [str(p) for p in invalid_utf8_files]}
@@ -162,6 +166,7 @@ def merge(out: Path, progress: Progress | None = None) -> Summary:
     train, valid = packers(out, args, dtype)
     summary = Summary()
     done = [json.loads((task_dir(out, r["task"], r["num_tasks"]) / DONE).read_text()) for r in records]
+    keep = _kept(out, records, args.dedup)
     progress = progress or Progress(total_bytes=sum(d["tokens"] for d in done) * dtype.itemsize)
     first = 0
     for record, finished in zip(records, done, strict=True):
@@ -169,9 +174,11 @@ def merge(out: Path, progress: Progress | None = None) -> Summary:
         lengths = np.fromfile(directory / LENGTHS, dtype=np.int64)
         size = (directory / TOKENS).stat().st_size
         tokens = np.memmap(directory / TOKENS, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
-        _feed(tokens, lengths, first, args.valid_fraction, train, valid, summary)
+        kept = keep[first:first + len(lengths)]
+        _feed(tokens, lengths, kept, first, args.valid_fraction, train, valid, summary)
         first += len(lengths)
-        summary.tokens += int(lengths.sum())
+        summary.tokens += int(lengths[kept].sum())
+        summary.duplicate_documents += int((~kept).sum())
         summary.counts = Counts(**{key: getattr(summary.counts, key) + value
                                    for key, value in finished["counts"].items()})
         progress.update(summary.tokens * dtype.itemsize, summary.counts.documents, summary.tokens)
@@ -184,21 +191,35 @@ def merge(out: Path, progress: Progress | None = None) -> Summary:
     return _finished(summary)
 
 
-def _feed(tokens: np.ndarray, lengths: np.ndarray, first: int, fraction: float, train, valid, summary) -> None:
-    """One task's documents into the packers, numbered from `first`; runs of documents bound for the same split
-    go in as one slice."""
+def _kept(out: Path, records: list[dict], dedup: str) -> np.ndarray:
+    """Whether each document of the corpus, in order, is kept: with --dedup exact, the first of its text only."""
+    directories = [task_dir(out, record["task"], record["num_tasks"]) for record in records]
+    counts = [(d / LENGTHS).stat().st_size // 8 for d in directories]
+    if dedup != "exact":
+        return np.ones(sum(counts), dtype=bool)
+    digests = np.concatenate([np.fromfile(d / DIGESTS, dtype=np.uint8) for d in directories])
+    return first_occurrences(digests.reshape(-1, DIGEST_BYTES))
+
+
+def _feed(tokens: np.ndarray, lengths: np.ndarray, keep: np.ndarray, first: int, fraction: float, train, valid,
+          summary) -> None:
+    """One task's documents into the packers, numbered from `first` (dropped duplicates keep their numbers);
+    runs of kept documents bound for the same split go in as one slice."""
     ends = np.cumsum(lengths)
     if len(ends) and ends[-1] != len(tokens):
         raise DataError("a task's tokens.bin and lengths.bin disagree: the task is damaged. Fix: delete its "
                         "directory and run the task again")
     to_valid = np.array([in_valid_split(first + i, fraction) for i in range(len(lengths))], dtype=bool)
-    summary.valid_documents += int(to_valid.sum())
+    summary.valid_documents += int((to_valid & keep).sum())
     if not len(lengths):
         return
-    changes = np.flatnonzero(np.diff(to_valid.astype(np.int8))) + 1
+    where = to_valid.astype(np.int8) + 2 * ~keep           # 0 train, 1 valid, 2 or 3 dropped
+    changes = np.flatnonzero(np.diff(where)) + 1
     starts = np.concatenate([[0], changes]).astype(np.int64)
     stops = np.concatenate([changes, [len(lengths)]]).astype(np.int64)
     for start, stop in zip(starts, stops, strict=True):
+        if not keep[start]:
+            continue
         packer = valid if to_valid[start] else train
         begin, end = (int(ends[start - 1]) if start else 0), int(ends[stop - 1])
         for at in range(begin, end, FEED_TOKENS):          # the packer copies what it holds: keep that bounded
@@ -239,7 +260,7 @@ def _claim(directory: Path, record: dict) -> bool:
                             f"command that started it, or delete {directory.parent} to start the job over")
         return (directory / DONE).is_file()
     directory.mkdir(parents=True, exist_ok=True)
-    for name in (TOKENS, LENGTHS, STATE, DONE):
+    for name in (TOKENS, LENGTHS, DIGESTS, STATE, DONE):
         (directory / name).unlink(missing_ok=True)
     atomic_write(path, json.dumps(record).encode())
     return False
@@ -264,8 +285,8 @@ class _truncated:
         self.handle.close()
 
 
-def _save(directory: Path, token_file, length_file, documents: int, tokens: int) -> None:
-    for handle in (token_file, length_file):
+def _save(directory: Path, handles, documents: int, tokens: int) -> None:
+    for handle in handles:
         handle.flush()
         os.fsync(handle.fileno())
     atomic_write(directory / STATE, json.dumps({"documents": documents, "tokens": tokens}).encode())

@@ -38,6 +38,8 @@ def register(subparsers) -> None:
     parser.add_argument("--shard-size-mb", type=float, default=64.0, help="target shard size (default 64)")
     parser.add_argument("--on-error", choices=("skip", "fail"), default="skip",
                         help="malformed jsonl lines: skip and count, or stop")
+    parser.add_argument("--dedup", choices=("none", "exact"), default="none",
+                        help="exact: drop a document whose text (whitespace collapsed) came before (default none)")
     parser.add_argument("--task", type=int, default=None, metavar="I",
                         help="run task I of --num-tasks (default: SLURM_ARRAY_TASK_ID; arrays are numbered from 0)")
     parser.add_argument("--num-tasks", type=int, default=None, metavar="N",
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         args.parser.error(f"the following arguments are required: {', '.join(missing)}")
     spec = PreprocessArgs(args.input, args.output, args.seq_len, args.tokenizer, args.workers, args.json_key,
-                          args.valid_fraction, args.shard_size_mb, args.on_error, args.exclude)
+                          args.valid_fraction, args.shard_size_mb, args.on_error, args.exclude, args.dedup)
     task = task_from_environment(args.task, args.num_tasks)
     if task is None:
         print(render(preprocess(spec), args.output))
@@ -78,6 +80,7 @@ def render(summary, output: str) -> str:
     rows = [("files", c.files), ("documents", c.documents), ("  empty, skipped", c.empty_documents),
             ("  invalid UTF-8, replaced", c.invalid_utf8_documents),
             ("  validation documents", summary.valid_documents),
+            ("  duplicates, dropped", summary.duplicate_documents),
             ("malformed jsonl lines", c.malformed_lines), ("jsonl lines without the key", c.missing_key_lines),
             ("tokens", summary.tokens), ("train samples", summary.train_samples),
             ("valid samples", summary.valid_samples),

@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -60,7 +57,7 @@ def test_output_bytes_do_not_depend_on_the_worker_count(corpus, tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_output(tmp_path):
-    from tests.data_tools.conftest import documents
+    from tests.data_tools.conftest import documents, kill_once_saved
 
     corpus = tmp_path / "big.jsonl"
     corpus.write_text("".join(json.dumps({"text": d * 20}) + "\n" for d in documents(3000)))
@@ -70,14 +67,7 @@ def test_killed_run_resumes_to_the_same_output(tmp_path):
     assert reference.returncode == 0, reference.stderr
 
     out = tmp_path / "crashed"
-    victim = subprocess.Popen(command + ["--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not (out / ".preprocess-state.json").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.3)
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
+    kill_once_saved(command + ["--output", str(out)], out / ".preprocess-state.json")
     assert not (out / "manifest.json").exists(), "the run finished before it could be killed; make the corpus larger"
     with pytest.raises(DataError, match="preprocessing did not finish"):
         load_manifest(out)

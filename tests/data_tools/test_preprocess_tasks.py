@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -22,7 +20,7 @@ from megamem.data_tools.preprocess_tasks import (
     task_from_environment,
 )
 from megamem.errors import DataError
-from tests.data_tools.conftest import documents
+from tests.data_tools.conftest import documents, kill_once_saved
 
 ARGS = dict(seq_len=31, valid_fraction=0.1, shard_size_mb=0.004)
 
@@ -77,25 +75,20 @@ def test_tasks_split_the_sorted_files_into_runs_balanced_by_size(inputs):
     assert max(sizes) - min(sizes) <= max(f.stat().st_size for f in files)
 
 
-def test_a_killed_task_is_rerun_alone_and_the_bytes_are_the_same(tmp_path):
+@pytest.mark.parametrize("dedup", ["none", "exact"])
+def test_a_killed_task_is_rerun_alone_and_the_bytes_are_the_same(tmp_path, dedup):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(3):
-        (corpus / f"{i}.jsonl").write_text("".join(json.dumps({"text": d * 20}) + "\n"
-                                                   for d in documents(1000, seed=i)))
+        (corpus / f"{i}.jsonl").write_text("".join(json.dumps({"text": d * 20}) + "\n"        # file 2 repeats 0
+                                                   for d in documents(1000, seed=i % 2)))
     command = [sys.executable, "-m", "megamem.cli.main", "preprocess", "--input", str(corpus), "--seq-len", "255",
-               "--shard-size-mb", "0.05", "--workers", "2"]
+               "--shard-size-mb", "0.05", "--workers", "2", "--dedup", dedup]
     assert subprocess.run(command + ["--output", str(tmp_path / "one")], capture_output=True).returncode == 0
 
     out = tmp_path / "tasks"
-    victim = subprocess.Popen(command + ["--output", str(out), "--task", "1", "--num-tasks", "2"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     state = task_dir(out, 1, 2) / "state.json"
-    deadline = time.monotonic() + 60
-    while not state.exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
+    kill_once_saved(command + ["--output", str(out), "--task", "1", "--num-tasks", "2"], state, linger=0)
     assert not (task_dir(out, 1, 2) / "done.json").exists(), "the task finished before the kill: a larger corpus"
     saved = json.loads(state.read_text())["documents"]
     assert saved > 0
@@ -106,6 +99,8 @@ def test_a_killed_task_is_rerun_alone_and_the_bytes_are_the_same(tmp_path):
         assert done.returncode == 0 and f"task {task} of 2 done" in done.stdout, done.stderr
     assert subprocess.run([*command[:4], "--merge", str(out)], capture_output=True).returncode == 0
     assert dataset_bytes(out) == dataset_bytes(tmp_path / "one")
+    dropped = json.loads((out / "manifest.json").read_text())["counts"]["duplicate_documents"]
+    assert dropped == (1000 if dedup == "exact" else 0)
 
 
 def test_a_merge_with_a_task_missing_or_unfinished_is_refused_by_name(inputs, tmp_path, capsys):

@@ -26,7 +26,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    install_requires=["torch>=2.1", "pyyaml>=6", "numpy", "webdataset>=0.2", "tokenizers>=0.15", "zstandard",
+    install_requires=["torch>=2.1", "pyyaml>=6", "numpy", "webdataset>=0.2", "tokenizers>=0.20", "zstandard",
                       "deepspeed>=0.14", "tensorboard", "safetensors", "ninja", "psutil"],
     extras_require={"eval": ["lm-eval>=0.4.13", "transformers>=5", "accelerate>=0.26"],
                     "bench": ["matplotlib>=3.7"],

@@ -18,6 +18,7 @@ import collections
 import hashlib
 import json
 import multiprocessing
+import os
 import resource
 import sys
 import time
@@ -30,8 +31,9 @@ import numpy as np
 from megamem.data_tools.dedup import MODES as DEDUP_MODES
 from megamem.data_tools.dedup import DocumentDigest
 from megamem.data_tools.inputs import Counts, Piece, expand_inputs, read_pieces
+from megamem.data_tools.packer import Packer
 from megamem.data_tools.progress import Progress
-from megamem.data_tools.shards import MANIFEST, ShardInfo, shard_name, write_manifest, write_shard
+from megamem.data_tools.shards import MANIFEST, write_manifest
 from megamem.data_tools.tokenizer import describe, load_tokenizer, token_dtype
 from megamem.durable import atomic_write
 from megamem.errors import DataError
@@ -55,69 +57,6 @@ class PreprocessArgs:
     dedup: str = "none"             # or "exact": megamem.data_tools.dedup
 
 
-class Packer:
-    """Cuts one split's token stream into samples of seq_len + 1 tokens and writes full shards."""
-
-    def __init__(self, split: str, directory: Path, sample_len: int, samples_per_shard: int, dtype: np.dtype):
-        self.split, self.directory, self.sample_len = split, directory, sample_len
-        self.samples_per_shard, self.dtype = samples_per_shard, dtype
-        self.shards: list[ShardInfo] = []
-        self.pending: list[np.ndarray] = []
-        self.pending_tokens = 0
-        self.dropped_tokens = 0
-
-    def _pending_path(self, documents: int) -> Path:
-        return self.directory / f".pending-{self.split}-{documents}.npy"
-
-    @property
-    def samples_written(self) -> int:
-        return sum(s.samples for s in self.shards)
-
-    def feed(self, tokens: np.ndarray) -> bool:
-        """Add tokens; write every shard that fills. True if a shard was written."""
-        self.pending.append(tokens.astype(self.dtype, copy=False))
-        self.pending_tokens += len(tokens)
-        shard_tokens = self.samples_per_shard * self.sample_len
-        wrote = False
-        while self.pending_tokens >= shard_tokens:
-            stream = np.concatenate(self.pending)
-            self._write(stream[:shard_tokens].reshape(-1, self.sample_len))
-            self.pending, self.pending_tokens = [stream[shard_tokens:]], len(stream) - shard_tokens
-            wrote = True
-        return wrote
-
-    def finish(self) -> None:
-        """Write the last, shorter shard; tokens short of one sample are dropped and counted."""
-        stream = np.concatenate(self.pending) if self.pending else np.zeros(0, self.dtype)
-        full = len(stream) // self.sample_len * self.sample_len
-        if full:
-            self._write(stream[:full].reshape(-1, self.sample_len))
-        self.dropped_tokens += len(stream) - full
-        self.pending, self.pending_tokens = [], 0
-
-    def _write(self, samples: np.ndarray) -> None:
-        self.shards.append(write_shard(self.directory, shard_name(self.split, len(self.shards)), self.samples_written,
-                                       samples))
-
-    def save(self, documents: int) -> dict:
-        """Write the pending tokens under a name of their own; the state file, written after, points at it."""
-        stream = np.concatenate(self.pending) if self.pending else np.zeros(0, self.dtype)
-        path = self._pending_path(documents)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as handle:
-            np.save(handle, stream, allow_pickle=False)
-        tmp.replace(path)
-        return {"shards": [asdict(s) for s in self.shards], "pending": path.name, "pending_tokens": len(stream)}
-
-    def restore(self, state: dict) -> None:
-        self.shards = [ShardInfo(**s) for s in state["shards"]]
-        path = self.directory / state["pending"]
-        pending = np.load(path, allow_pickle=False) if path.exists() else None
-        if pending is None or len(pending) != state["pending_tokens"]:
-            raise DataError(f"{path} does not match {self.directory / STATE}; delete {self.directory} and start again")
-        self.pending, self.pending_tokens = [pending], len(pending)
-
-
 @dataclass
 class Summary:
     counts: Counts = field(default_factory=Counts)
@@ -139,12 +78,15 @@ _worker_tokenizer = None
 
 
 def _init_worker(spec: str) -> None:
+    """A worker is one core: --workers is the parallelism, so `tokenizers` gets one thread (before its first use,
+    when it sizes its pool)."""
     global _worker_tokenizer
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
     _worker_tokenizer = load_tokenizer(spec)
 
 
 def _tokenize(texts: list[str]) -> list[np.ndarray]:
-    return [_worker_tokenizer.encode(text) for text in texts]
+    return _worker_tokenizer.encode_batch(texts)
 
 
 def _batches(pieces: Iterator[Piece]) -> Iterator[list[Piece]]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up, turn the Python standard library's own
 # sources into byte-level shards, train configs/cpu-smoke.yaml on CPU for a few
-# minutes, show the validation loss before and after and megamem eval's measures
+# minutes (after showing that 3 preprocessing tasks and their merge write the same
+# dataset), show the validation loss before and after and megamem eval's measures
 # of the trained model; then the same model split over two processes (tensor
 # parallelism, pipeline stages) for 20 steps against one process, a run re-cut
 # for another layout (megamem reshard), a run preempted by SIGTERM to its whole
@@ -20,6 +21,17 @@ if [ ! -f "$data/manifest.json" ]; then
   megamem preprocess --input "$stdlib/**/*.py" --exclude "*/site-packages/*" "*/dist-packages/*" \
     --output "$data" --seq-len 128 --workers 2
 fi
+echo
+echo "the same corpus as 3 tasks (as a SLURM array would run them) and a merge, against the one-task dataset:"
+rm -rf "$data-tasks"
+for task in 0 1 2; do
+  megamem preprocess --input "$stdlib/**/*.py" --exclude "*/site-packages/*" "*/dist-packages/*" \
+    --output "$data-tasks" --seq-len 128 --workers 1 --task $task --num-tasks 3 2>/dev/null | sed 's/^/  /'
+done
+megamem preprocess --merge "$data-tasks" 2>/dev/null | head -1 | sed 's/^/  /'
+if diff -r -q "$data" "$data-tasks" >/dev/null; then echo "  every shard and the manifest: byte for byte the same"
+else echo "  the datasets differ"; exit 1; fi
+rm -rf "$data-tasks"
 megamem train configs/cpu-smoke.yaml --set data.path="$data" --set run.dir="$run" --set data.num_workers=1
 python - "$run" <<'PY'
 import json, sys

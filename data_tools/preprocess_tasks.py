@@ -20,6 +20,7 @@ it; once the manifest is written the task files are removed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -266,23 +267,15 @@ def _claim(directory: Path, record: dict) -> bool:
     return False
 
 
-class _truncated:
+@contextlib.contextmanager
+def _truncated(path: Path, size: int):
     """`path` opened for appending after its first `size` bytes (what the saved state vouches for)."""
-
-    def __init__(self, path: Path, size: int):
-        self.path, self.size = path, size
-
-    def __enter__(self):
-        self.handle = open(self.path, "ab")
-        if self.handle.tell() < self.size:
-            self.handle.close()
-            raise DataError(f"{self.path} is shorter than its task's saved position: the task is damaged. Fix: delete "
-                            f"{self.path.parent} and run the task again")
-        self.handle.truncate(self.size)
-        return self.handle
-
-    def __exit__(self, *exc) -> None:
-        self.handle.close()
+    with open(path, "ab") as handle:
+        if handle.tell() < size:
+            raise DataError(f"{path} is shorter than its task's saved position: the task is damaged. Fix: delete "
+                            f"{path.parent} and run the task again")
+        handle.truncate(size)
+        yield handle
 
 
 def _save(directory: Path, handles, documents: int, tokens: int) -> None:

@@ -15,6 +15,7 @@ step to DeepSpeed's pipeline schedule. The trainer does not know which it holds.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import time
 from collections.abc import Callable, Iterator
@@ -89,8 +90,9 @@ def _check_pipeline(pipe, config: Config, state: ParallelState) -> None:
                            f"{state.rank}; both must lay ranks out tensor-parallel fastest, then data, then pipe")
 
 
-class Engine:
-    """A DeepSpeed engine as the trainer, checkpoints and statistics use it."""
+class Engine(abc.ABC):
+    """A DeepSpeed engine as the trainer, checkpoints and statistics use it; PlainEngine and PipelineEngine say how
+    a step and a validation pass run."""
 
     def __init__(self, ds, config: Config, state: ParallelState, loss_fn, device: torch.device,
                  order: list[list[str]]):
@@ -125,14 +127,14 @@ class Engine:
     def eval(self) -> None:
         self.ds.eval()
 
+    @abc.abstractmethod
     def train_step(self, next_batch: Callable[[], torch.Tensor], measure_grad_norm: bool):
         """One optimizer step over `accumulation` micro-batches: (its mean loss, the whole model's gradient norm or
         None where the engine reports none, {phase: ms} where phases can be timed apart)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def validation_sums(self, batches: list[torch.Tensor]) -> torch.Tensor:
         """[sum of the batches' mean losses, their count] on this rank, float64, before averaging over replicas."""
-        raise NotImplementedError
 
     def set_step(self, step: int) -> None:
         """Make DeepSpeed's counters and the LR schedule `step` steps in (after a rollback or a resharded
